@@ -1,0 +1,1 @@
+"""Freeze-Omni assistant: engine, sessions, dialogue state machine and command line."""

@@ -1,0 +1,147 @@
+"""Command line: `freeze-omni respond ...` (one spoken turn from a wav file)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_BAD_INPUT = 2
+OUTPUT_RATE_HZ = 24_000  # the codec's rate; checked against the loaded model
+INPUT_RATE_HZ = 16_000  # the speech encoder's rate (Kaldi fbank at 16 kHz)
+
+logger = logging.getLogger("freeze_omni")
+
+
+def _add_respond(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("respond", help="answer one spoken question from a wav file")
+    p.add_argument("--model-dir", type=Path, required=True, help="Freeze-Omni checkpoint directory")
+    p.add_argument("--llm-dir", type=Path, required=True, help="local Hugging Face LLM directory")
+    p.add_argument("--input", type=Path, required=True, help="question audio (any rate, any channels)")
+    p.add_argument("--output", type=Path, required=True, help="answer wav (24 kHz mono PCM16)")
+    p.add_argument("--turn-end", choices=["file", "model"], default="model",
+                   help="file: the whole input is the turn; model: stop when the state head decides")
+    p.add_argument("--text-top-k", type=int, default=20)
+    p.add_argument("--text-top-p", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--speech-top-k", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-speech-tokens", type=int, default=1000, help="per text segment")
+    p.add_argument("--segmentation", choices=["sentence", "eager"], default="sentence")
+    p.add_argument("--role", default=None, help="system role text (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--trace", type=Path, default=None, help="write the turn's trace JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freeze-omni", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="verbose logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_respond(sub)
+    return parser
+
+
+def _pick_device_and_dtype(device_arg: str, dtype_arg: str):
+    import torch
+
+    if device_arg == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device_arg} requested but no CUDA device is available")
+    if dtype_arg == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_arg)
+    return device, dtype
+
+
+def _engine_options(args: argparse.Namespace, server_settings: dict):
+    from assistant.engine import EngineOptions, SpeechEmission
+    from assistant.segmentation import SegmentationRule
+    from quantized_models.sampling import TextSamplingConfig
+
+    eager = args.segmentation == "eager"
+    return EngineOptions(
+        text_sampling=TextSamplingConfig(
+            temperature=args.temperature, top_k=args.text_top_k, top_p=args.text_top_p
+        ),
+        speech_top_k=args.speech_top_k,
+        max_new_tokens=args.max_new_tokens,
+        max_speech_tokens=args.max_speech_tokens,
+        segmentation=SegmentationRule.EAGER if eager else SegmentationRule.SENTENCE,
+        emission=SpeechEmission.from_server_json(server_settings) if eager else SpeechEmission(),
+    )
+
+
+def _print_turn(result, out_path: Path) -> None:
+    print("state timeline (p_respond / p_ignore per 160 ms chunk):")
+    for i, chunk in enumerate(result.chunks):
+        print(f"  {i * 160:6d} ms  p1={chunk.probs[1]:.3f} p2={chunk.probs[2]:.3f}  {chunk.decision.value}")
+    if not result.answered:
+        print("decision: ignore (no answer)")
+    else:
+        print(f"answer ({len(result.tokens)} tokens, {result.end_reason}): {result.text}")
+    t = result.times
+    per_chunk_ms = 1000 * t.listen_s / max(1, t.listen_chunks)
+    per_token_ms = 1000 * t.text_s / max(1, t.text_tokens)
+    print("time per stage:")
+    print(f"  system prefill   {1000 * t.system_prefill_s:9.1f} ms")
+    print(f"  listening        {1000 * t.listen_s:9.1f} ms  ({t.listen_chunks} chunks, {per_chunk_ms:.1f} ms/chunk)")
+    print(f"  text generation  {1000 * t.text_s:9.1f} ms  ({t.text_tokens} tokens, {per_token_ms:.1f} ms/token)")
+    print(f"  speech synthesis {1000 * t.speech_s:9.1f} ms  ({len(result.segments)} segments)")
+    if t.first_pcm_after_turn_end_s is not None:
+        print(f"  turn end → first audio {1000 * t.first_pcm_after_turn_end_s:.1f} ms")
+    print(f"wrote {out_path} ({len(result.pcm) / OUTPUT_RATE_HZ:.2f} s)")
+
+
+def run_respond(args: argparse.Namespace) -> int:
+    from assistant.engine import Engine
+    from assistant.respond import TurnEnd, run_turn
+    from audio_io.wav_file import read_mono, write_pcm16
+    from quantized_models.model_dir import check_model_dir, load_models
+
+    check_model_dir(args.model_dir)  # fail fast, before reading audio or loading the LLM
+    samples = read_mono(args.input, INPUT_RATE_HZ)
+    device, dtype = _pick_device_and_dtype(args.device, args.dtype)
+    models = load_models(args.model_dir, args.llm_dir, device, dtype)
+    if models.codec.dims.sampling_rate != OUTPUT_RATE_HZ:
+        logger.warning("codec rate is %d Hz", models.codec.dims.sampling_rate)
+    engine = Engine(models, _engine_options(args, models.server_settings))
+    result = run_turn(engine, samples, TurnEnd(args.turn_end), args.seed, args.role)
+    write_pcm16(args.output, result.pcm, models.codec.dims.sampling_rate)
+    if args.trace is not None:
+        args.trace.parent.mkdir(parents=True, exist_ok=True)
+        args.trace.write_text(json.dumps(result.trace(models.codec.dims.sampling_rate),
+                                         ensure_ascii=False, indent=1), encoding="utf-8")
+    _print_turn(result, args.output)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from audio_io.wav_file import AudioFileError
+    from quantized_models.errors import ModelLoadError
+
+    try:
+        if args.command == "respond":
+            return run_respond(args)
+    except (ModelLoadError, AudioFileError, ValueError, OSError) as err:
+        if args.debug:
+            logger.exception("failed")
+        print(f"freeze-omni: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

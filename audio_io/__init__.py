@@ -1,0 +1,1 @@
+"""Audio input/output helpers. This package never imports torch."""
