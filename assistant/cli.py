@@ -138,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelLoadError, AudioFileError, ValueError, OSError) as err:
         if args.debug:
             logger.exception("failed")
-        print(f"freeze-omni: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # always one line, whatever the library said
+        print(f"freeze-omni: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT
 

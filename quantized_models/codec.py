@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantized_models.checkpoint_file import read_checkpoint
 from quantized_models.errors import CheckpointError, ModelLoadError
 from quantized_models.strict_load import load_strict
 
@@ -251,10 +251,7 @@ def fold_weight_norm(state: Mapping[str, torch.Tensor], source: str) -> dict[str
 
 def load_codec(ckpt_path: Path | str, dims: CodecDims) -> CodecDecoder:
     """Build the codec on CPU/float32 and strictly load `final.pt` ({'generator', 'quantizer'})."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ModelLoadError(f"{ckpt_path}: cannot read the codec checkpoint ({exc}).") from exc
+    ckpt = read_checkpoint(ckpt_path, "codec checkpoint")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{ckpt_path}: expected a dict with keys {CHECKPOINT_PARTS}.")
     missing = [p for p in CHECKPOINT_PARTS if not isinstance(ckpt.get(p), Mapping)]

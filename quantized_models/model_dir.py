@@ -19,6 +19,7 @@ import yaml
 from quantized_models.adapter import Adapter, AdapterDims
 from quantized_models.codec import CodecDecoder, CodecDims, load_codec
 from quantized_models.encoder import EncoderDims, SpeechEncoder
+from quantized_models.checkpoint_file import read_checkpoint
 from quantized_models.errors import CheckpointError, ModelLoadError
 from quantized_models.frontend import load_json_cmvn
 from quantized_models.llm import AudioLlmDims, AudioLlmHeads, ChatLayout, FrozenLlm
@@ -72,13 +73,6 @@ def check_model_dir(model_dir: Path) -> None:
         )
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ModelLoadError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -108,7 +102,7 @@ def load_audiollm(model_dir: Path) -> tuple[int, SpeechEncoder, Adapter, AudioLl
     n_mels = int(cfg.get("input_dim", 0))
     if n_mels <= 0:
         raise ModelLoadError(f"{yaml_path}: input_dim (number of mel bins) is missing")
-    state = _torch_load(ckpt_path)
+    state = read_checkpoint(ckpt_path, "audio-LLM checkpoint")
     if not isinstance(state, dict):
         raise ModelLoadError(f"{ckpt_path}: expected a flat state dict")
     encoder_state, adapter_state, head_state = _split_audiollm_state(state)
@@ -185,11 +179,13 @@ def load_models(
     model_dir, llm_dir = Path(model_dir), Path(llm_dir)
     check_model_dir(model_dir)
     n_mels, encoder, adapter, heads, dims = load_audiollm(model_dir)
+    # Our own (small) files first, so a broken one is reported before the big LLM loads.
+    decoder = load_decoder(model_dir, dims.llm_embed_dim)
+    codec_dims = CodecDims.from_model_json(model_dir / "codec" / "model.json")
+    codec = load_codec(model_dir / "codec" / "final.pt", codec_dims)
     causal_lm, tokenizer = load_llm(llm_dir, dims, dtype)
     layout = ChatLayout.from_template(dims.chat_template, tokenizer)
     llm = FrozenLlm(causal_lm, heads, layout)
-    decoder = load_decoder(model_dir, dims.llm_embed_dim)
-    codec = load_codec(model_dir / "codec" / "final.pt", CodecDims.from_model_json(model_dir / "codec" / "model.json"))
     for module in (encoder, adapter, llm, decoder, codec):
         module.to(device=device, dtype=dtype).eval()
     logger.info("models ready on %s (%s)", device, dtype)

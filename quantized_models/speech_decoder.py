@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantized_models.checkpoint_file import read_checkpoint
 from quantized_models.errors import ModelLoadError
 from quantized_models.strict_load import load_strict
 
@@ -426,10 +426,7 @@ def generate_codec_tokens(
 
 def load_speech_decoder(ckpt_path: Path | str, dims: DecoderDims) -> SpeechDecoder:
     """Build the decoder on CPU/float32 and strictly load `final.pt` (its `model` entry if any)."""
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ModelLoadError(f"{ckpt_path}: cannot read the speech-decoder checkpoint ({exc}).") from exc
+    state = read_checkpoint(ckpt_path, "speech-decoder checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     decoder = SpeechDecoder(dims)

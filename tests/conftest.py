@@ -26,6 +26,20 @@ def _deterministic_torch() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def train_cfg(tiny_dir: Path) -> dict:
+    """The fixture's parsed `audiollm/train.yaml`."""
+    import yaml
+
+    return yaml.safe_load((tiny_dir / "checkpoints/audiollm/train.yaml").read_text())
+
+
+def audiollm_part(tiny_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors of `audiollm/final.pt` whose key starts with `prefix`, with the prefix removed."""
+    state = torch.load(tiny_dir / "checkpoints/audiollm/final.pt", map_location="cpu")
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -7,28 +7,21 @@ from typing import Callable
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from quantized_models.adapter import Adapter, AdapterCache, AdapterDims
 from quantized_models.errors import CheckpointError, ModelLoadError
 from quantized_models.strict_load import load_strict
-from tests.conftest import FIXTURE_INPUTS
+from tests.conftest import FIXTURE_INPUTS, audiollm_part
 
 PREFIX = "adpter."  # sic: the official checkpoint's spelling
 FRAMES_PER_CHUNK = 4  # encoder frames per 160 ms chunk
 
 
 @pytest.fixture(scope="module")
-def train_cfg(tiny_dir: Path) -> dict:
-    return yaml.safe_load((tiny_dir / "checkpoints/audiollm/train.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
 def adapter_state(tiny_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(tiny_dir / "checkpoints/audiollm/final.pt", map_location="cpu")
-    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return audiollm_part(tiny_dir, PREFIX)
 
 
 @pytest.fixture(scope="module")

@@ -148,3 +148,25 @@ def test_stereo_44k_input_with_model_turn_end(tiny_dir, tmp_path, capsys):
     assert [c["decision"] for c in trace["chunks"]] == ["continue", "continue", "ignore"]
     assert trace["tokens"] == []
     assert "ignore" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part", ["codec", "decoder", "audiollm"])
+def test_corrupt_checkpoint_file(tiny_dir, tmp_path, capsys, part):
+    model_dir = _copy_model_dir(tiny_dir, tmp_path / "model")
+    path = model_dir / part / "final.pt"
+    path.write_bytes(path.read_bytes()[:1000])  # truncated download
+    rc = _respond(tiny_dir, tiny_dir / "inputs/question.wav", tmp_path, model_dir=model_dir)
+    _one_line_error(capsys, rc, str(path), "cannot read")
+
+
+def test_checkpoint_with_pickled_training_objects_still_loads(tiny_dir, tmp_path):
+    """Training snapshots may pickle argument namespaces next to the weights."""
+    import argparse
+
+    model_dir = _copy_model_dir(tiny_dir, tmp_path / "model")
+    path = model_dir / "decoder/final.pt"
+    snapshot = torch.load(path, map_location="cpu")
+    snapshot["args"] = argparse.Namespace(lr=1e-3)
+    torch.save(snapshot, path)
+    args = [*FIXTURE_ARGS[:-6], "--max-new-tokens", "4", "--device", "cpu"]
+    assert _respond(tiny_dir, tiny_dir / "inputs/question.wav", tmp_path, extra=args, model_dir=model_dir) == 0

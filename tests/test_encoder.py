@@ -7,7 +7,6 @@ from typing import Callable
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -22,7 +21,7 @@ from quantized_models.encoder import (
 from quantized_models.errors import CheckpointError, ModelLoadError
 from quantized_models.frontend import CHUNK_FEATURE_ROWS, Cmvn, load_json_cmvn
 from quantized_models.strict_load import load_strict
-from tests.conftest import FIXTURE_INPUTS, load_json
+from tests.conftest import FIXTURE_INPUTS, audiollm_part, load_json
 
 PREFIX = "encoder."
 
@@ -34,14 +33,8 @@ def close_to(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def train_cfg(tiny_dir: Path) -> dict:
-    return yaml.safe_load((tiny_dir / "checkpoints/audiollm/train.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
 def encoder_state(tiny_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(tiny_dir / "checkpoints/audiollm/final.pt", map_location="cpu")
-    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return audiollm_part(tiny_dir, PREFIX)
 
 
 @pytest.fixture(scope="module")
