@@ -24,6 +24,7 @@ from quantized_models.strict_load import load_strict
 logger = logging.getLogger(__name__)
 
 CODE_EMBED_DIM = 512  # frame-token embedding width = generator input channels, fixed in the official code
+RESBLOCK1_CONVS = 3  # HiFi-GAN ResBlock type 1: three dilated convolutions
 GLOBAL_VECTOR_DIM = 128  # width of the concatenated global-token vector, fixed in the official code
 LRELU_SLOPE = 0.1  # HiFi-GAN's LeakyReLU slope, used before every conv incl. conv_post
 CONV_PRE_KERNEL = 7  # conv_pre / conv_post kernel (padding 3), fixed in the official generator
@@ -103,6 +104,9 @@ class CodecDims:
             self.resblock_dilation_sizes
         ):
             problems.append("resblock_kernel_sizes and resblock_dilation_sizes must match")
+        elif any(len(d) != RESBLOCK1_CONVS for d in self.resblock_dilation_sizes):
+            # The official ResBlock1 always builds three convolutions from dilation[0..2].
+            problems.append(f"every resblock_dilation_sizes entry needs {RESBLOCK1_CONVS} dilations")
         if GLOBAL_VECTOR_DIM not in self.stage_channels():
             problems.append(
                 f"no upsampling stage outputs {GLOBAL_VECTOR_DIM} channels "

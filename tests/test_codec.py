@@ -132,7 +132,7 @@ def _tiny_config(tmp_path: Path, **overrides: object) -> Path:
         "upsample_kernel_sizes": [8, 11, 11, 12],
         "upsample_initial_channel": 256,  # 128 channels after stage 0, not stage 1
         "resblock_kernel_sizes": [3, 5],
-        "resblock_dilation_sizes": [[1, 3], [1, 2]],
+        "resblock_dilation_sizes": [[1, 3, 5], [1, 2, 4]],
         "n_codes": 10,
         "global_code_num": 4,
         "global_tokens": [1, 2, 3, 9],
@@ -185,6 +185,7 @@ def test_dims_are_read_from_model_json(tmp_path: Path) -> None:
         ),
         ({"upsample_kernel_sizes": [8, 10, 11, 12]}, "even difference"),
         ({"global_tokens": [1, 2, 3]}, "one id per global-code group"),
+        ({"resblock_dilation_sizes": [[1, 3], [1, 2]]}, "needs 3 dilations"),
         ({"n_codes": "many"}, "cannot read"),
     ],
 )
@@ -222,3 +223,4 @@ def test_strict_loading_names_file_and_key(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as err:
             load_codec(path, dims)
         assert str(path) in str(err.value) and key in str(err.value), str(err.value)
+
