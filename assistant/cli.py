@@ -32,9 +32,43 @@ def _add_respond(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation", choices=["sentence", "eager"], default="sentence")
     p.add_argument("--role", default=None, help="system role text (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
+    p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
+    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none",
+                   help="load the frozen LLM quantized with bitsandbytes")
+    _add_device_args(p)
+    p.add_argument("--trace", type=Path, default=None, help="write the turn's trace JSON here")
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--trace", type=Path, default=None, help="write the turn's trace JSON here")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time each component side by side; writes docs/BENCHMARKS.md")
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--llm-dir", type=Path, default=None)
+    p.add_argument("--random-model", choices=["mid", "official"], default=None,
+                   help="build (once) and measure a random-weight model of this size instead")
+    p.add_argument("--tokenizer-dir", type=Path, default=None, help="Qwen2 tokenizer files for --random-model")
+    p.add_argument("--backends", type=lambda s: s.split(","), default=["torch", "onnx"])
+    p.add_argument("--quantization", type=lambda s: s.split(","), default=["none", "int8", "nf4"])
+    p.add_argument("--chunks", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "freeze-omni")
+    p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
+    _add_device_args(p)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-onnx", help="export encoder+adapter, speech decoder and codec to ONNX")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--llm-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    _add_device_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_respond(sub)
+    _add_export(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -108,8 +144,14 @@ def run_respond(args: argparse.Namespace) -> int:
 
     check_model_dir(args.model_dir)  # fail fast, before reading audio or loading the LLM
     samples = read_mono(args.input, INPUT_RATE_HZ)
+    if args.backend == "onnx" and args.onnx_dir is None:
+        raise ValueError("--backend onnx needs --onnx-dir (write it with `freeze-omni export-onnx`)")
     device, dtype = _pick_device_and_dtype(args.device, args.dtype)
-    models = load_models(args.model_dir, args.llm_dir, device, dtype)
+    models = load_models(args.model_dir, args.llm_dir, device, dtype, quantization=args.quantization)
+    if args.backend == "onnx":
+        from quantized_models.onnx_runtime import load_onnx_backends
+
+        models.backends = load_onnx_backends(models, args.onnx_dir)
     if models.codec.dims.sampling_rate != OUTPUT_RATE_HZ:
         logger.warning("codec rate is %d Hz", models.codec.dims.sampling_rate)
     engine = Engine(models, _engine_options(args, models.server_settings))
@@ -120,6 +162,17 @@ def run_respond(args: argparse.Namespace) -> int:
         args.trace.write_text(json.dumps(result.trace(models.codec.dims.sampling_rate),
                                          ensure_ascii=False, indent=1), encoding="utf-8")
     _print_turn(result, args.output)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from quantized_models.model_dir import load_models
+    from quantized_models.onnx_export import export_onnx
+
+    device, dtype = _pick_device_and_dtype(args.device, args.dtype)
+    models = load_models(args.model_dir, args.llm_dir, device, dtype)
+    for path in export_onnx(models, args.out):
+        print(f"wrote {path}")
     return 0
 
 
@@ -135,6 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "respond":
             return run_respond(args)
+        if args.command == "export-onnx":
+            return run_export(args)
+        if args.command == "bench":
+            from assistant.bench import run_bench
+
+            args.device_obj, args.dtype_obj = _pick_device_and_dtype(args.device, args.dtype)
+            text, key = run_bench(args)
+            print(text)
+            print(f"wrote section {key!r} of {args.out}")
+            return 0
     except (ModelLoadError, AudioFileError, ValueError, OSError) as err:
         if args.debug:
             logger.exception("failed")

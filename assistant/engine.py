@@ -157,8 +157,9 @@ class Engine:
         models = self.models
         fbank, state.frontend = frontend_step(samples.float().cpu(), state.frontend)
         fbank = fbank.to(device=models.device, dtype=models.dtype)
-        enc_out, state.encoder = models.encoder.step(fbank, state.encoder)
-        vectors, state.adapter = models.adapter.step(enc_out, state.adapter)
+        vectors, state.encoder, state.adapter = models.backends.speech_input.step(
+            fbank, state.encoder, state.adapter
+        )
         logits, probs = models.llm.listen(vectors[0], first_of_turn, state.llm)
         state.turn_chunks += 1
         p = tuple(float(x) for x in probs.tolist())
@@ -241,11 +242,11 @@ class Engine:
         hidden = torch.stack(segment.hidden_states).to(like.dtype)  # (k, H)
         prefix_rows = split_llm_rows(hidden, idim)  # (4k, idim)
         cache = DecoderCache(max_new_tokens=self.options.max_speech_tokens)
-        decoder_cache = models.decoder.prefill(text_rows, prefix_rows, cache)
+        decoder_cache = models.backends.decoder.prefill(text_rows, prefix_rows, cache)
         first = state.segments_spoken == 0
         emission = self.options.emission
         codec_state = CodecStreamState(CodecStreamConfig(
-            samples_per_token=models.codec.dims.samples_per_token,
+            samples_per_token=models.backends.codec.samples_per_token,
             chunk_tokens=emission.first_segment_chunk_tokens if first else emission.chunk_tokens,
             padding_tokens=emission.padding_tokens,
             quiet_window_samples=emission.quiet_window_samples,
@@ -265,14 +266,14 @@ class Engine:
         speech = state.speech
         if speech is None or speech.done:
             raise ValueError("no speech segment in progress")
-        decoder = self.models.decoder
+        decoder = self.models.backends.decoder
         previous = speech.codec_tokens[-1] if speech.codec_tokens else decoder.dims.sos_id
         logits, speech.decoder = decoder.step(previous, speech.decoder)
         token = sample_speech_token(logits, speech.top_k, state.rng)
         if token == decoder.dims.eos_id:
             return self._finish_segment(state, "eos"), state
         speech.codec_tokens.append(token)
-        pieces = push_token(speech.codec, token, self.models.codec)
+        pieces = push_token(speech.codec, token, self.models.backends.codec)
         if len(speech.codec_tokens) >= speech.max_tokens:
             pieces += self._finish_segment(state, "token_cap")
         return pieces, state
@@ -281,7 +282,7 @@ class Engine:
         speech = state.speech
         assert speech is not None
         speech.done, speech.end_reason = True, reason
-        return flush(speech.codec, self.models.codec)
+        return flush(speech.codec, self.models.backends.codec)
 
     def speak_segment(self, state: SessionState, segment: Segment) -> Iterator[torch.Tensor]:
         """Convenience: all PCM pieces of one segment, as they are released."""

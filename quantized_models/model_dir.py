@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from quantized_models.adapter import Adapter, AdapterDims
+from quantized_models.backends import Backends, TorchSpeechInput
 from quantized_models.codec import CodecDecoder, CodecDims, load_codec
 from quantized_models.encoder import EncoderDims, SpeechEncoder
 from quantized_models.checkpoint_file import read_checkpoint
@@ -54,6 +55,8 @@ class FreezeOmniModels:
     codec: CodecDecoder
     device: torch.device
     dtype: torch.dtype
+    backends: Backends
+    """What the engine calls; torch modules unless swapped for ONNX graphs."""
     server_settings: dict[str, Any] = field(default_factory=dict)
     """Contents of the optional `server.json` (demo speech-decoder settings)."""
 
@@ -124,8 +127,13 @@ def load_audiollm(model_dir: Path) -> tuple[int, SpeechEncoder, Adapter, AudioLl
     return n_mels, encoder, adapter, heads, dims
 
 
-def load_llm(llm_dir: Path, dims: AudioLlmDims, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Load the frozen causal LM and its tokenizer from a local directory only."""
+def load_llm(llm_dir: Path, dims: AudioLlmDims, dtype: torch.dtype, device: torch.device,
+             quantization: str = "none") -> tuple[Any, Any]:
+    """Load the frozen causal LM and its tokenizer from a local directory only.
+
+    With `quantization` int8/nf4 the weights are quantized by bitsandbytes while loading
+    and placed on `device` there; otherwise the caller moves the model.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (llm_dir / "config.json").is_file():
@@ -139,9 +147,14 @@ def load_llm(llm_dir: Path, dims: AudioLlmDims, dtype: torch.dtype) -> tuple[Any
             f"the LLM in {llm_dir} has hidden size {config.hidden_size}, but the checkpoint was "
             f"trained for {dims.llm_embed_dim}; pass the LLM the checkpoint was trained with"
         )
+    extra: dict[str, Any] = {}
+    if quantization != "none":
+        from quantized_models.quantize import QuantizationMode, llm_load_kwargs
+
+        extra = llm_load_kwargs(QuantizationMode.parse(quantization), dtype, device)
     try:
         causal_lm = AutoModelForCausalLM.from_pretrained(
-            llm_dir, dtype=dtype, local_files_only=True
+            llm_dir, dtype=dtype, local_files_only=True, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -173,9 +186,15 @@ def _read_server_json(model_dir: Path) -> dict[str, Any]:
 
 
 def load_models(
-    model_dir: Path, llm_dir: Path, device: torch.device, dtype: torch.dtype
+    model_dir: Path, llm_dir: Path, device: torch.device, dtype: torch.dtype,
+    quantization: str = "none",
 ) -> FreezeOmniModels:
-    """Load the whole stack; `device` and `dtype` are applied here, once."""
+    """Load the whole stack; `device` and `dtype` are applied here, once.
+
+    Args:
+        quantization: "none", "int8" or "nf4": how the frozen LLM's linear layers are
+            stored (bitsandbytes). Everything else keeps `dtype`.
+    """
     model_dir, llm_dir = Path(model_dir), Path(llm_dir)
     check_model_dir(model_dir)
     n_mels, encoder, adapter, heads, dims = load_audiollm(model_dir)
@@ -183,15 +202,21 @@ def load_models(
     decoder = load_decoder(model_dir, dims.llm_embed_dim)
     codec_dims = CodecDims.from_model_json(model_dir / "codec" / "model.json")
     codec = load_codec(model_dir / "codec" / "final.pt", codec_dims)
-    causal_lm, tokenizer = load_llm(llm_dir, dims, dtype)
+    causal_lm, tokenizer = load_llm(llm_dir, dims, dtype, device, quantization)
     layout = ChatLayout.from_template(dims.chat_template, tokenizer)
     llm = FrozenLlm(causal_lm, heads, layout)
-    for module in (encoder, adapter, llm, decoder, codec):
+    for module in (encoder, adapter, heads, decoder, codec):
         module.to(device=device, dtype=dtype).eval()
+    if quantization == "none":  # a bitsandbytes model is placed while loading and cannot be cast
+        causal_lm.to(device=device, dtype=dtype)
     logger.info("models ready on %s (%s)", device, dtype)
     return FreezeOmniModels(
         n_mels=n_mels, encoder=encoder, adapter=adapter, llm=llm, tokenizer=tokenizer,
         decoder=decoder, codec=codec, device=device, dtype=dtype,
+        backends=Backends(
+            speech_input=TorchSpeechInput(encoder, adapter), decoder=decoder, codec=codec,
+            names={"speech_input": "torch", "decoder": "torch", "codec": "torch"},
+        ),
         server_settings=_read_server_json(model_dir),
     )
 
