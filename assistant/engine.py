@@ -26,7 +26,7 @@ from assistant.dialogue import (
     next_state,
 )
 from assistant.segmentation import Segment, Segmenter, SegmentationRule, normalize_tts_text
-from assistant.session import AnswerState, SessionState, SpeechState
+from assistant.session import AnswerState, SessionState, SpeechState, SpokenSegment
 from quantized_models.adapter import AdapterCache
 from quantized_models import codec_stream as cs
 from quantized_models.codec_stream import CodecStreamConfig, CodecStreamState, flush, push_token
@@ -78,6 +78,8 @@ class EngineOptions:
     """Answer tokens at most, the first one included."""
     max_speech_tokens: int = 1000
     """Codec tokens per text segment at most."""
+    max_user_turn_chunks: int = 375
+    """A user turn longer than this (160 ms chunks; 375 = 60 s) is answered as it stands."""
     segmentation: SegmentationRule = SegmentationRule.SENTENCE
     thresholds: DecisionThresholds = field(default_factory=DecisionThresholds)
     emission: SpeechEmission = field(default_factory=SpeechEmission)
@@ -162,8 +164,12 @@ class Engine:
         )
         logits, probs = models.llm.listen(vectors[0], first_of_turn, state.llm)
         state.turn_chunks += 1
+        state.turn_vectors.append(vectors[0])
         p = tuple(float(x) for x in probs.tolist())
         decision = decide(p[1], p[2], self.options.thresholds)
+        if state.turn_chunks >= self.options.max_user_turn_chunks and decision is Decision.CONTINUE:
+            logger.info("user turn reached %d chunks; answering now", state.turn_chunks)
+            decision = Decision.RESPOND
         if follow_decision:
             event = event_for(decision)
             if event is not None:
@@ -258,6 +264,8 @@ class Engine:
             max_tokens=self.options.max_speech_tokens,
         )
         state.segments_spoken += 1
+        if state.answer is not None:
+            state.answer.spoken.append(SpokenSegment(tokens=len(segment.hidden_states)))
         return state
 
     @torch.inference_mode()
@@ -271,12 +279,22 @@ class Engine:
         logits, speech.decoder = decoder.step(previous, speech.decoder)
         token = sample_speech_token(logits, speech.top_k, state.rng)
         if token == decoder.dims.eos_id:
-            return self._finish_segment(state, "eos"), state
+            pieces = self._finish_segment(state, "eos")
+            self._count_audio(state, pieces)
+            return pieces, state
         speech.codec_tokens.append(token)
         pieces = push_token(speech.codec, token, self.models.backends.codec)
         if len(speech.codec_tokens) >= speech.max_tokens:
             pieces += self._finish_segment(state, "token_cap")
+        self._count_audio(state, pieces)
         return pieces, state
+
+    @staticmethod
+    def _count_audio(state: SessionState, pieces: list[torch.Tensor]) -> None:
+        if state.answer is not None and state.answer.spoken:
+            current = state.answer.spoken[-1]
+            current.samples += sum(int(p.numel()) for p in pieces)
+            current.finished = state.speech is not None and state.speech.done
 
     def _finish_segment(self, state: SessionState, reason: str) -> list[torch.Tensor]:
         speech = state.speech

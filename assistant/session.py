@@ -35,6 +35,19 @@ class AnswerState:
     """'end_of_turn', 'token_cap' or 'cancelled' once finished."""
     llm_length_at_start: int = 0
     """LLM cache length before the assistant suffix: where a cut answer is cropped."""
+    heard_text: str | None = None
+    """After a cut: the text of the answer tokens that were played."""
+    spoken: list["SpokenSegment"] = field(default_factory=list)
+    """Per text segment handed to speech: its answer tokens and the PCM emitted so far."""
+
+
+@dataclass
+class SpokenSegment:
+    """How many answer tokens one text segment covers and how much audio it produced."""
+
+    tokens: int
+    samples: int = 0
+    finished: bool = False
 
 
 @dataclass
@@ -69,6 +82,11 @@ class SessionState:
     dialogue: DialogueState = DialogueState.NEW
     turn_chunks: int = 0
     """Chunks fed in the current user turn (0: the next chunk opens a turn)."""
+    turn_vectors: list[torch.Tensor] = field(default_factory=list)
+    """LLM input vectors [2, H] of the current user turn, kept to replay the turn elsewhere
+    (barge-in commits it on top of the cut answer); bounded by the turn length cap."""
+    pending_turns: list[list[torch.Tensor]] = field(default_factory=list)
+    """Ignored user turns heard while speaking; appended to the context when the answer ends."""
     answer: AnswerState | None = None
     speech: SpeechState | None = None
     segments_spoken: int = 0
@@ -79,3 +97,4 @@ class SessionState:
         self.encoder.reset()
         self.adapter.reset()
         self.turn_chunks = 0
+        self.turn_vectors = []
