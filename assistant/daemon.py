@@ -1,0 +1,333 @@
+"""The full-duplex main loop: listen, decide, answer, barge in.
+
+Single-threaded and cooperative: every tick first reads the microphone and runs the listen
+step (real-time work first), handles decisions — a barge-in is a priority control message
+that flushes every queued audio block at once — and only then spends a bounded number of
+work units on the answer, keeping at most `playback_lead_s` of audio queued ahead of the
+speaker. The PyAudio callbacks live in `audio_io` and only copy into queues.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Protocol
+
+import numpy as np
+
+from assistant.conversation import ConversationLike
+from assistant.daemon_config import DaemonSettings, TurnEnd
+from assistant.dialogue import Decision
+
+logger = logging.getLogger(__name__)
+
+MODEL_CHUNK_S = 0.16
+OUTPUT_RATE_HZ = 24_000
+
+
+class AudioPort(Protocol):
+    """What the daemon needs from the duplex audio stream (audio_io.duplex)."""
+
+    healthy: bool
+
+    def read_model_chunk(self, timeout_s: float) -> np.ndarray | None: ...
+    def play(self, pcm_24k: np.ndarray) -> None: ...
+    def flush_playback(self) -> int: ...
+    @property
+    def played_samples_24k(self) -> int: ...
+    @property
+    def queued_samples_24k(self) -> int: ...
+    def reopen(self) -> bool: ...
+
+
+class SpeechGate(Protocol):
+    """Voice activity at model-chunk granularity: True while the user speaks."""
+
+    def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
+        """Feed one 160 ms chunk; returns (started, stopped) for this chunk."""
+        ...
+
+
+class EchoControl(Protocol):
+    """Removes (or mutes) the assistant's own voice from the microphone signal."""
+
+    def process(self, chunk: np.ndarray, playing: bool) -> np.ndarray: ...
+
+    @property
+    def allows_barge_in(self) -> bool: ...
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Control(Enum):
+    """Priority control messages: handled before any data work of the tick."""
+
+    BARGE_IN = auto()
+    SHUTDOWN = auto()
+
+
+@dataclass
+class TurnTimes:
+    """Monotonic timestamps of one answered turn (seconds)."""
+
+    user_end: float | None = None
+    decision: float | None = None
+    first_text_token: float | None = None
+    first_speech_token: float | None = None
+    first_pcm: float | None = None
+    first_played: float | None = None
+    barge_in: bool = False
+
+    def latencies_ms(self) -> dict[str, float | None]:
+        def gap(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(1000.0 * (b - a), 1)
+
+        return {
+            "user_end_to_decision_ms": gap(self.user_end, self.decision),
+            "decision_to_first_text_token_ms": gap(self.decision, self.first_text_token),
+            "decision_to_first_speech_token_ms": gap(self.decision, self.first_speech_token),
+            "decision_to_first_pcm_ms": gap(self.decision, self.first_pcm),
+            "decision_to_first_played_ms": gap(self.decision, self.first_played),
+        }
+
+
+@dataclass
+class DaemonCounters:
+    turns_answered: int = 0
+    turns_ignored: int = 0
+    barge_ins: int = 0
+    ignored_interruptions: int = 0
+    device_losses: int = 0
+
+
+@dataclass
+class _Turn:
+    """The user turn being listened to."""
+
+    on_fork: bool
+    """True: heard while the assistant speaks (barge-in candidate)."""
+    stopped_at: float | None = None
+    """VAD stop time, if the user has gone quiet."""
+
+
+class Daemon:
+    """Drives one conversation from one duplex audio port."""
+
+    def __init__(self, conversation: ConversationLike, audio: AudioPort, gate: SpeechGate,
+                 echo: EchoControl, settings: DaemonSettings, clock: Clock | None = None) -> None:
+        self.conv, self.audio, self.gate, self.echo = conversation, audio, gate, echo
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.counters = DaemonCounters()
+        preroll_chunks = -(-settings.vad.preroll_ms // int(MODEL_CHUNK_S * 1000))
+        self._recent: deque[np.ndarray] = deque(maxlen=max(1, preroll_chunks))
+        self._turn: _Turn | None = None
+        self._controls: deque[Control] = deque()
+        self._answer_times: TurnTimes | None = None
+        self._answer_start_played = 0
+        self._last_activity = self.clock.monotonic()
+        self._last_reopen = 0.0
+        self._audio_was_healthy = True
+        self.turn_log: list[dict] = []
+
+    # -- main loop ------------------------------------------------------------------
+    def run(self, should_stop) -> None:
+        """Tick until `should_stop()` is true."""
+        while not should_stop():
+            self.tick()
+
+    def tick(self) -> None:
+        if not self._audio_ok():
+            return
+        answering = self.conv.answering or self.audio.queued_samples_24k > 0
+        chunk = self.audio.read_model_chunk(timeout_s=0.0 if self.conv.answering else 0.05)
+        if chunk is not None:
+            self._on_mic_chunk(chunk, answering)
+        self._handle_controls()
+        self._check_silence_timeout()
+        self._answer_work()
+        self._mark_first_played()
+        self._check_idle()
+
+    # -- listening ------------------------------------------------------------------
+    def _on_mic_chunk(self, chunk: np.ndarray, answering: bool) -> None:
+        clean = self.echo.process(chunk, playing=self.audio.queued_samples_24k > 0)
+        started, stopped = self.gate.speech_started(clean)
+        now = self.clock.monotonic()
+        if self._turn is None and started:
+            self._open_turn(on_fork=answering and self.echo.allows_barge_in)
+        if self._turn is None:
+            self._recent.append(clean)
+            return
+        self._last_activity = now
+        if started:  # the user went on after a pause: the same turn continues
+            self._turn.stopped_at = None
+        if stopped and self._turn.stopped_at is None:
+            self._turn.stopped_at = now
+            if self.settings.dialogue.turn_end is TurnEnd.VAD:
+                self._feed(clean, follow=False)
+                self._respond(now)
+                return
+        self._decide(self._feed(clean, follow=self.settings.dialogue.turn_end is TurnEnd.MODEL), now)
+
+    def _open_turn(self, on_fork: bool) -> None:
+        self._turn = _Turn(on_fork=on_fork)
+        if on_fork:
+            self.conv.begin_barge_in()
+        for old in self._recent:  # pre-roll: decisions ignored, as the official server does
+            self._feed(old, follow=False)
+        self._recent.clear()
+
+    def _feed(self, chunk: np.ndarray, follow: bool) -> Decision:
+        assert self._turn is not None
+        if self._turn.on_fork:
+            return self.conv.barge_in_listen(chunk, follow)
+        return self.conv.listen(chunk, follow)
+
+    def _decide(self, decision: Decision, now: float) -> None:
+        if decision is Decision.RESPOND:
+            self._respond(now)
+        elif decision is Decision.IGNORE:
+            self._ignore()
+
+    def _respond(self, now: float) -> None:
+        assert self._turn is not None
+        times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)
+        if self._turn.on_fork:
+            self._controls.appendleft(Control.BARGE_IN)
+            self._handle_controls()
+            self.conv.commit_barge_in(self._played_in_answer())
+        self._turn = None
+        self.conv.start_answer()
+        self._answer_times = times
+        self._answer_start_played = self.audio.played_samples_24k + self.audio.queued_samples_24k
+        self.counters.turns_answered += 1
+
+    def _ignore(self) -> None:
+        assert self._turn is not None
+        if self._turn.on_fork:
+            self.conv.drop_barge_in()
+            self.counters.ignored_interruptions += 1
+        self.counters.turns_ignored += 1
+        self._turn = None
+
+    def _check_silence_timeout(self) -> None:
+        turn = self._turn
+        if turn is None or turn.stopped_at is None:
+            return
+        if self.clock.monotonic() - turn.stopped_at < self.settings.dialogue.silence_end_s:
+            return
+        logger.info("user turn ended in silence without a decision; not answering")
+        if turn.on_fork:
+            self.conv.drop_barge_in()
+        else:
+            self.conv.close_ignored_turn()
+        self.counters.turns_ignored += 1
+        self._turn = None
+
+    # -- control messages -------------------------------------------------------------
+    def _handle_controls(self) -> None:
+        while self._controls:
+            control = self._controls.popleft()
+            if control is Control.BARGE_IN:
+                dropped = self.audio.flush_playback()
+                self.counters.barge_ins += 1
+                self._finish_turn_record()
+                logger.info("barge-in: cut the answer, dropped %.2f s of queued audio",
+                            dropped / OUTPUT_RATE_HZ)
+
+    def _played_in_answer(self) -> int:
+        return max(0, self.audio.played_samples_24k - self._answer_start_played)
+
+    # -- answering --------------------------------------------------------------------
+    def _answer_work(self) -> None:
+        lead = int(self.settings.dialogue.playback_lead_s * OUTPUT_RATE_HZ)
+        for _ in range(self.settings.dialogue.max_answer_steps_per_tick):
+            if not self.conv.answering or self.audio.queued_samples_24k >= lead:
+                return
+            work = self.conv.answer_step()
+            self._mark(work)
+            for pcm in work.pcm:
+                if pcm.size:
+                    self.audio.play(pcm)
+            if work.done:
+                return
+
+    def _mark(self, work) -> None:
+        times, now = self._answer_times, self.clock.monotonic()
+        if times is None:
+            return
+        if work.new_text_token and times.first_text_token is None:
+            times.first_text_token = now
+        if work.new_speech_token and times.first_speech_token is None:
+            times.first_speech_token = now
+        if any(p.size for p in work.pcm) and times.first_pcm is None:
+            times.first_pcm = now
+
+    def _mark_first_played(self) -> None:
+        times = self._answer_times
+        if times is None or times.first_played is not None:
+            return
+        if self._played_in_answer() > 0:
+            times.first_played = self.clock.monotonic()
+            self._finish_turn_record()
+
+    def _finish_turn_record(self) -> None:
+        times = self._answer_times
+        if times is None:
+            return
+        record = {"barge_in": times.barge_in, **times.latencies_ms()}
+        self.turn_log.append(record)
+        logger.info("turn latencies: %s", record)
+        if self.settings.events_path:
+            with open(self.settings.events_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self._answer_times = None
+
+    def _on_device_lost(self) -> None:
+        """A turn cannot go on without its audio: close it; an answer being played is cut."""
+        if self._turn is not None:
+            if self._turn.on_fork:
+                self.conv.drop_barge_in()
+            else:
+                self.conv.close_ignored_turn()
+            self._turn = None
+        if self.conv.answering:
+            self.conv.cut_answer(self._played_in_answer())
+        self.audio.flush_playback()
+
+    # -- housekeeping -------------------------------------------------------------------
+    def _check_idle(self) -> None:
+        idle_s = self.clock.monotonic() - self._last_activity
+        if idle_s > self.settings.dialogue.idle_timeout_s and self._turn is None and not self.conv.answering:
+            logger.info("no speech for %.0f s: starting a fresh dialogue", idle_s)
+            self.conv.reset()
+            self._last_activity = self.clock.monotonic()
+
+    def _audio_ok(self) -> bool:
+        if self.audio.healthy:
+            self._audio_was_healthy = True
+            return True
+        if self._audio_was_healthy:  # report a loss once, not on every retry
+            self._audio_was_healthy = False
+            self.counters.device_losses += 1
+            logger.warning("audio device lost; looking for it every %.1f s",
+                           self.settings.audio.reopen_interval_s)
+            self._on_device_lost()
+        now = self.clock.monotonic()
+        if now - self._last_reopen >= self.settings.audio.reopen_interval_s:
+            self._last_reopen = now
+            if self.audio.reopen():
+                logger.info("audio device is back")
+                return True
+        return False

@@ -1,0 +1,127 @@
+"""Daemon turn-taking and barge-in with a fake duplex device, a scripted dialogue and a fake clock."""
+from __future__ import annotations
+
+import dataclasses
+
+from assistant.daemon import Daemon
+from assistant.daemon_config import DaemonSettings, DialogueSettings, TurnEnd, VadSettings
+from assistant.dialogue import Decision
+from tests.fakes import (
+    BLOCK_SAMPLES_24K,
+    FakeClock,
+    FakeDuplex,
+    LevelGate,
+    PassThroughEcho,
+    ScriptedConversation,
+    silence_chunks,
+    speech_chunks,
+)
+
+SETTINGS = DaemonSettings(vad=VadSettings(preroll_ms=320))
+
+
+def _daemon(mic, script, settings=SETTINGS, **conv_kwargs):
+    clock = FakeClock()
+    audio = FakeDuplex(clock, mic)
+    conv = ScriptedConversation(script=script, **conv_kwargs)
+    daemon = Daemon(conv, audio, LevelGate(), PassThroughEcho(), settings, clock)
+    return daemon, conv, audio, clock
+
+
+def _run(daemon, ticks: int) -> None:
+    for _ in range(ticks):
+        daemon.tick()
+
+
+def test_turn_taking_answers_and_reports_latencies():
+    mic = silence_chunks(4) + speech_chunks(6) + silence_chunks(40)
+    daemon, conv, audio, _ = _daemon(mic, [(Decision.RESPOND, 5)], speech_tokens=40)
+    _run(daemon, 50)
+    names = conv.names()
+    # pre-roll chunks are fed with decisions ignored, then followed chunks until the decision
+    assert names.count("start_answer") == 1
+    assert conv.calls[:2] == [("listen", False), ("listen", False)]
+    assert audio.played == 40 * 600, "the whole answer reached the speaker"
+    assert daemon.counters.turns_answered == 1
+    record = daemon.turn_log[0]
+    assert record["decision_to_first_pcm_ms"] is not None and record["decision_to_first_played_ms"] >= 0
+
+
+def test_barge_in_flushes_within_one_block_and_commits_played_audio():
+    mic = speech_chunks(3) + silence_chunks(6) + speech_chunks(4) + silence_chunks(30)
+    script = [(Decision.RESPOND, 2), (Decision.RESPOND, 3)]
+    daemon, conv, audio, clock = _daemon(mic, script, speech_tokens=400)
+    decision_at = None
+    for _ in range(45):
+        daemon.tick()
+        if decision_at is None and ("commit_barge_in" in conv.names()):
+            decision_at = clock.now
+            played_at_decision = audio.played
+    assert decision_at is not None, "the second utterance interrupted the answer"
+    assert audio.flushes and audio.flushes[0] == decision_at
+    commit = next(c for c in conv.calls if c[0] == "commit_barge_in")
+    assert 0 < commit[1] <= played_at_decision
+    # After the cut only the new answer plays: the old one's queued audio never reaches the speaker.
+    assert conv.names().count("start_answer") == 2
+    old_answer_played = commit[1]
+    assert old_answer_played <= played_at_decision + BLOCK_SAMPLES_24K
+    assert daemon.counters.barge_ins == 1
+
+
+def test_ignored_interruption_lets_the_answer_continue():
+    mic = speech_chunks(3) + silence_chunks(4) + speech_chunks(3) + silence_chunks(60)
+    script = [(Decision.RESPOND, 2), (Decision.IGNORE, 2)]
+    daemon, conv, audio, _ = _daemon(mic, script, speech_tokens=200)
+    _run(daemon, 70)
+    assert "drop_barge_in" in conv.names() and "commit_barge_in" not in conv.names()
+    assert audio.flushes == [] and audio.played == 200 * 600, "the answer played to its end"
+    assert daemon.counters.ignored_interruptions == 1
+
+
+def test_undecided_turn_is_closed_but_not_lost():
+    mic = speech_chunks(3) + silence_chunks(30)
+    daemon, conv, _, _ = _daemon(mic, [(Decision.RESPOND, 99)])
+    _run(daemon, 30)
+    assert "close_ignored_turn" in conv.names() and "start_answer" not in conv.names()
+    assert daemon.counters.turns_ignored == 1
+
+
+def test_vad_turn_end_answers_at_silence():
+    settings = dataclasses.replace(SETTINGS, dialogue=DialogueSettings(turn_end=TurnEnd.VAD))
+    mic = speech_chunks(3) + silence_chunks(30)
+    daemon, conv, audio, _ = _daemon(mic, [(Decision.IGNORE, 1)], settings=settings, speech_tokens=10)
+    _run(daemon, 30)
+    assert conv.names().count("start_answer") == 1
+    assert all(not c[1] for c in conv.calls if c[0] == "listen"), "decisions are not followed"
+    assert audio.played == 10 * 600
+
+
+def test_lost_device_is_reopened_and_the_answer_is_cut():
+    mic = speech_chunks(3) + silence_chunks(40)
+    daemon, conv, audio, clock = _daemon(mic, [(Decision.RESPOND, 2)], speech_tokens=400)
+    _run(daemon, 8)
+    audio.healthy = False
+    audio.fail_reopen_until = clock.now + 1.0
+    for _ in range(30):
+        clock.now += 0.1
+        daemon.tick()
+    assert daemon.counters.device_losses == 1
+    assert "cut_answer" in conv.names()
+    assert audio.healthy and 2 <= audio.reopen_calls <= 8
+
+
+def test_idle_timeout_forgets_the_dialogue():
+    settings = dataclasses.replace(SETTINGS, dialogue=DialogueSettings(idle_timeout_s=2.0))
+    daemon, conv, _, _ = _daemon(silence_chunks(30), [])
+    daemon.settings = settings
+    _run(daemon, 20)
+    assert "reset" in conv.names()
+
+
+def test_a_short_pause_does_not_end_the_turn():
+    # 3 quiet chunks make the gate stop; 0.8 s of pause is shorter than silence_end_s (2 s).
+    mic = speech_chunks(3) + silence_chunks(5) + speech_chunks(4) + silence_chunks(30)
+    daemon, conv, _, _ = _daemon(mic, [(Decision.RESPOND, 11)], speech_tokens=10)
+    _run(daemon, 40)
+    assert "close_ignored_turn" not in conv.names()
+    assert conv.names().count("start_answer") == 1
