@@ -178,7 +178,10 @@ class Daemon:
                 self._feed(clean, follow=False)
                 self._respond(now)
                 return
-        self._decide(self._feed(clean, follow=self.settings.dialogue.turn_end is TurnEnd.MODEL), now)
+        follow = self.settings.dialogue.turn_end is TurnEnd.MODEL
+        decision = self._feed(clean, follow=follow)
+        if follow:  # in `turn_end: vad` mode decisions are only reported
+            self._decide(decision, now)
 
     def _open_turn(self, on_fork: bool) -> None:
         self._turn = _Turn(on_fork=on_fork)
@@ -204,8 +207,9 @@ class Daemon:
         assert self._turn is not None
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)
         if self._turn.on_fork:
-            self._controls.appendleft(Control.BARGE_IN)
-            self._handle_controls()
+            if self.conv.answering or self.audio.queued_samples_24k > 0:  # something to cut
+                self._controls.appendleft(Control.BARGE_IN)
+                self._handle_controls()
             self.conv.commit_barge_in(self._played_in_answer())
         self._turn = None
         self.conv.start_answer()

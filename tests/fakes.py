@@ -90,12 +90,12 @@ class FakeDuplex:
 class LevelGate:
     """Speech = mean |x| above a level; start after `start` chunks, stop after `stop` quiet chunks."""
 
-    def __init__(self, start: int = 1, stop: int = 3) -> None:
-        self.start, self.stop = start, stop
+    def __init__(self, start: int = 1, stop: int = 3, level: float = SPEECH_LEVEL / 2) -> None:
+        self.start, self.stop, self.level = start, stop, level
         self.active, self.loud, self.quiet = False, 0, 0
 
     def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
-        loud = float(np.abs(chunk).mean()) > SPEECH_LEVEL / 2
+        loud = float(np.abs(chunk).mean()) > self.level
         self.loud = self.loud + 1 if loud else 0
         self.quiet = self.quiet + 1 if not loud else 0
         if not self.active and self.loud >= self.start:
