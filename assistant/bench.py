@@ -281,7 +281,7 @@ def _onnx_config(base: FreezeOmniModels, model_dir: Path, args) -> FreezeOmniMod
     onnx_dir = args.cache_dir / ("onnx-" + "-".join(model_dir.resolve().parts[-3:]))
     if not (onnx_dir / "speech_input.onnx").is_file():
         logger.info("exporting ONNX graphs to %s", onnx_dir)
-        export_onnx(base, onnx_dir)
+        export_onnx(base, onnx_dir, model_dir=model_dir)
     return with_backends(base, load_onnx_backends(base, onnx_dir, threads=args.threads))
 
 

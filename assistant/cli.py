@@ -171,7 +171,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     device, dtype = _pick_device_and_dtype(args.device, args.dtype)
     models = load_models(args.model_dir, args.llm_dir, device, dtype)
-    for path in export_onnx(models, args.out):
+    for path in export_onnx(models, args.out, model_dir=args.model_dir):
         print(f"wrote {path}")
     return 0
 

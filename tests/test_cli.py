@@ -35,6 +35,26 @@ def _respond(tiny_dir: Path, wav: Path, out_dir: Path, extra: list[str] | None =
 @pytest.mark.parametrize("name", FIXTURE_INPUTS)
 def test_respond_reproduces_official_recording(tiny_dir, tmp_path, name, capsys):
     assert _respond(tiny_dir, tiny_dir / f"inputs/{name}.wav", tmp_path) == 0
+    _check_against_recording(tiny_dir, tmp_path, name)
+    out = capsys.readouterr().out
+    generation = load_json(tiny_dir / f"expected/{name}/generation.json")
+    assert generation["final_text"].splitlines()[0] in out and "ms/chunk" in out
+
+
+def test_respond_on_onnxruntime_reproduces_official_recording(tiny_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    onnx_dir = tmp_path / "onnx"
+    assert main(["export-onnx", "--model-dir", str(tiny_dir / "checkpoints"), "--llm-dir",
+                 str(tiny_dir / "llm"), "--out", str(onnx_dir), "--device", "cpu"]) == 0
+    for name in FIXTURE_INPUTS:
+        out = tmp_path / name
+        extra = [*FIXTURE_ARGS, "--backend", "onnx", "--onnx-dir", str(onnx_dir)]
+        assert _respond(tiny_dir, tiny_dir / f"inputs/{name}.wav", out, extra=extra) == 0
+        _check_against_recording(tiny_dir, out, name)
+
+
+def _check_against_recording(tiny_dir: Path, tmp_path: Path, name: str) -> None:
     trace = json.loads((tmp_path / "trace.json").read_text(encoding="utf-8"))
     chunks = load_json(tiny_dir / f"expected/{name}/chunks.json")["chunks"]
     generation = load_json(tiny_dir / f"expected/{name}/generation.json")
@@ -58,8 +78,6 @@ def test_respond_reproduces_official_recording(tiny_dir, tmp_path, name, capsys)
     expected_int16 = np.clip(np.round(expected.numpy().astype(np.float64) * 32768), -32768, 32767)
     assert pcm.shape == expected_int16.shape
     assert np.abs(pcm.astype(np.int64) - expected_int16).max() <= PCM_TOLERANCE_LSB
-    out = capsys.readouterr().out
-    assert generation["final_text"].splitlines()[0] in out and "ms/chunk" in out
 
 
 def _one_line_error(capsys, rc: int, *fragments: str) -> None:
