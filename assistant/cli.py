@@ -71,6 +71,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     _add_device_args(p)
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, required=True, help="Freeze-Omni checkpoint directory")
+    p.add_argument("--llm-dir", type=Path, required=True, help="local Hugging Face LLM directory")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--onnx-dir", type=Path, default=None)
+    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none")
+    p.add_argument("--seed", type=int, default=None)
+    _add_device_args(p)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from assistant.run_daemon import add_run_arguments
+
+    p = sub.add_parser("run", help="the full-duplex assistant on the local microphone and speaker")
+    _add_model_args(p)
+    add_run_arguments(p)
+    sub.add_parser("devices", help="list audio devices (choose them by name substring)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeze-omni", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="verbose logging")
@@ -78,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_respond(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_run(sub)
     return parser
 
 
@@ -140,18 +160,11 @@ def run_respond(args: argparse.Namespace) -> int:
     from assistant.engine import Engine
     from assistant.respond import TurnEnd, run_turn
     from audio_io.wav_file import read_mono, write_pcm16
-    from quantized_models.model_dir import check_model_dir, load_models
+    from quantized_models.model_dir import check_model_dir
 
     check_model_dir(args.model_dir)  # fail fast, before reading audio or loading the LLM
     samples = read_mono(args.input, INPUT_RATE_HZ)
-    if args.backend == "onnx" and args.onnx_dir is None:
-        raise ValueError("--backend onnx needs --onnx-dir (write it with `freeze-omni export-onnx`)")
-    device, dtype = _pick_device_and_dtype(args.device, args.dtype)
-    models = load_models(args.model_dir, args.llm_dir, device, dtype, quantization=args.quantization)
-    if args.backend == "onnx":
-        from quantized_models.onnx_runtime import load_onnx_backends
-
-        models.backends = load_onnx_backends(models, args.onnx_dir)
+    models = _load_for_dialogue(args)
     if models.codec.dims.sampling_rate != OUTPUT_RATE_HZ:
         logger.warning("codec rate is %d Hz", models.codec.dims.sampling_rate)
     engine = Engine(models, _engine_options(args, models.server_settings))
@@ -162,6 +175,51 @@ def run_respond(args: argparse.Namespace) -> int:
         args.trace.write_text(json.dumps(result.trace(models.codec.dims.sampling_rate),
                                          ensure_ascii=False, indent=1), encoding="utf-8")
     _print_turn(result, args.output)
+    return 0
+
+
+def _load_for_dialogue(args: argparse.Namespace):
+    from quantized_models.model_dir import check_model_dir, load_models
+
+    check_model_dir(args.model_dir)
+    if args.backend == "onnx" and args.onnx_dir is None:
+        raise ValueError("--backend onnx needs --onnx-dir (write it with `freeze-omni export-onnx`)")
+    device, dtype = _pick_device_and_dtype(args.device, args.dtype)
+    models = load_models(args.model_dir, args.llm_dir, device, dtype, quantization=args.quantization)
+    if args.backend == "onnx":
+        from quantized_models.onnx_runtime import load_onnx_backends
+
+        models.backends = load_onnx_backends(models, args.onnx_dir)
+    return models
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from assistant.run_daemon import EXIT_NO_AUDIO_DEVICE, check_devices, run_daemon, settings_from_args
+    from audio_io.devices import NoAudioDeviceError
+
+    settings = settings_from_args(args)
+    try:
+        check_devices(settings)
+    except NoAudioDeviceError as err:
+        print(f"freeze-omni: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_NO_AUDIO_DEVICE
+    return run_daemon(_load_for_dialogue(args), settings, seed=args.seed)
+
+
+def run_devices() -> int:
+    from assistant.run_daemon import EXIT_NO_AUDIO_DEVICE
+    from audio_io.devices import NoAudioDeviceError, list_devices
+
+    try:
+        devices = list_devices()
+    except NoAudioDeviceError as err:
+        print(f"freeze-omni: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_NO_AUDIO_DEVICE
+    if not devices:
+        print("freeze-omni: no audio devices found", file=sys.stderr)
+        return EXIT_NO_AUDIO_DEVICE
+    for device in devices:
+        print(device.describe())
     return 0
 
 
@@ -188,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "respond":
             return run_respond(args)
+        if args.command == "run":
+            return run_run(args)
+        if args.command == "devices":
+            return run_devices()
         if args.command == "export-onnx":
             return run_export(args)
         if args.command == "bench":

@@ -188,3 +188,12 @@ def test_checkpoint_with_pickled_training_objects_still_loads(tiny_dir, tmp_path
     torch.save(snapshot, path)
     args = [*FIXTURE_ARGS[:-6], "--max-new-tokens", "4", "--device", "cpu"]
     assert _respond(tiny_dir, tiny_dir / "inputs/question.wav", tmp_path, extra=args, model_dir=model_dir) == 0
+
+
+def test_run_without_the_audio_device_exits_with_one_line(tiny_dir, capsys):
+    pytest.importorskip("pyaudio")
+    rc = main(["run", "--model-dir", str(tiny_dir / "checkpoints"), "--llm-dir", str(tiny_dir / "llm"),
+               "--input-device", "no-such-microphone-xyz", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 69
+    assert len(err.splitlines()) == 1 and "no-such-microphone-xyz" in err and "Traceback" not in err
