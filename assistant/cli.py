@@ -240,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # bitsandbytes logs a cast warning on every int8 matmul with float inputs.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if args.debug else logging.ERROR)
     from audio_io.wav_file import AudioFileError
     from quantized_models.errors import ModelLoadError
 

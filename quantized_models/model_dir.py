@@ -157,7 +157,7 @@ def load_llm(llm_dir: Path, dims: AudioLlmDims, dtype: torch.dtype, device: torc
             llm_dir, dtype=dtype, local_files_only=True, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, ImportError) as err:
         raise ModelLoadError(f"cannot load the LLM from {llm_dir}: {err}") from err
     causal_lm.eval()
     return causal_lm, tokenizer
@@ -205,6 +205,11 @@ def load_models(
     causal_lm, tokenizer = load_llm(llm_dir, dims, dtype, device, quantization)
     layout = ChatLayout.from_template(dims.chat_template, tokenizer)
     llm = FrozenLlm(causal_lm, heads, layout)
+    if quantization != "none":
+        from quantized_models.quantize import QuantizationMode, check_quantized_llm, memory_report
+
+        check_quantized_llm(causal_lm, QuantizationMode.parse(quantization))
+        logger.info("LLM loaded (%s): %s", quantization, memory_report(device))
     for module in (encoder, adapter, heads, decoder, codec):
         module.to(device=device, dtype=dtype).eval()
     if quantization == "none":  # a bitsandbytes model is placed while loading and cannot be cast
