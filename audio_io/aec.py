@@ -1,0 +1,155 @@
+"""Echo control on the microphone signal, before the VAD and the model.
+
+`WebRtcEchoCanceller` runs WebRTC's AEC3 (through pywebrtc-audio) with the playback signal as
+the reference ("reverse") stream; `HalfDuplexGate` is the fallback without AEC: it mutes the
+microphone while the speaker plays and for a tail afterwards. Both take the microphone and
+the time-aligned reference at 16 kHz (`DuplexStream` aligns them by the playback clock) and
+stream: output may lag input by less than one 10 ms frame.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+
+from audio_io.constants import AEC_FRAME_MS, MODEL_INPUT_RATE_HZ, MS_PER_S, samples_for_ms
+
+logger = logging.getLogger(__name__)
+
+ACTIVITY_THRESHOLD = 1e-4  # |sample| above −80 dBFS counts as "the speaker is playing"
+AEC_INSTALL_HINT = "pip install 'freeze-omni-assistant[audio]' (pywebrtc-audio)"
+
+
+class AecUnavailableError(RuntimeError):
+    """pywebrtc-audio is missing or unusable; use `HalfDuplexGate` instead."""
+
+
+class EchoCanceller(Protocol):
+    """Removes (or mutes) the speaker's own signal from the microphone signal."""
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the canceller is still adapting: barge-in should not be trusted yet."""
+        ...
+
+    def process(self, mic_16k: np.ndarray, reference_16k: np.ndarray) -> np.ndarray:
+        """Feed equal-length (T,) float32 microphone and playback-reference samples at 16 kHz
+        (reference[i] is what the speaker played at the instant mic[i] was captured);
+        returns the cleaned microphone samples available so far (float32)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget all adaptation (new devices)."""
+        ...
+
+
+class WebRtcEchoCanceller:
+    """WebRTC AEC3 on 10 ms frames, reference = what the speaker played.
+
+    Args:
+        sample_rate_hz: rate of both signals (16 kHz: the model's input rate).
+        warmup_ms: playback (reference with signal) needed before `in_warmup` turns False;
+            AEC3 converges within about a second of far-end speech.
+        stream_delay_ms: hint of the echo path delay left after time alignment (AEC3 also
+            estimates it).
+
+    Raises:
+        AecUnavailableError: pywebrtc-audio is not installed.
+    """
+
+    def __init__(self, sample_rate_hz: int = MODEL_INPUT_RATE_HZ, warmup_ms: int = 1000,
+                 stream_delay_ms: int = 0) -> None:
+        try:
+            import pywebrtc_audio
+        except ImportError as err:
+            raise AecUnavailableError(
+                f"echo cancellation needs pywebrtc-audio ({AEC_INSTALL_HINT}); "
+                "or turn AEC off to fall back to half duplex") from err
+        self.sample_rate_hz = sample_rate_hz
+        self.frame_samples = samples_for_ms(sample_rate_hz, AEC_FRAME_MS)  # 160 at 16 kHz
+        self.warmup_frames = -(-warmup_ms // AEC_FRAME_MS)
+        self._aec = pywebrtc_audio.EchoCanceller(
+            sample_rate=sample_rate_hz, num_channels=1, stream_delay_ms=stream_delay_ms)
+        self.reset()
+
+    def reset(self) -> None:
+        self._aec.reset()
+        self._mic_rest = np.zeros(0, dtype=np.float32)
+        self._ref_rest = np.zeros(0, dtype=np.float32)
+        self.active_reference_frames = 0
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.active_reference_frames < self.warmup_frames
+
+    def process(self, mic_16k: np.ndarray, reference_16k: np.ndarray) -> np.ndarray:
+        mic, ref = _as_pair(mic_16k, reference_16k)
+        mic = np.concatenate([self._mic_rest, mic])
+        ref = np.concatenate([self._ref_rest, ref])
+        whole = len(mic) // self.frame_samples * self.frame_samples
+        self._mic_rest, self._ref_rest = mic[whole:], ref[whole:]
+        if whole == 0:
+            return np.zeros(0, dtype=np.float32)
+        frames = ref[:whole].reshape(-1, self.frame_samples)  # (F, 160)
+        self.active_reference_frames += int(np.count_nonzero(np.abs(frames).max(axis=1) > ACTIVITY_THRESHOLD))
+        # whole frames only: pywebrtc-audio zero-pads a partial last frame, which would
+        # insert silence into a stream
+        out = self._aec.process(np.ascontiguousarray(mic[:whole]), np.ascontiguousarray(ref[:whole]))
+        return np.asarray(out, dtype=np.float32)
+
+
+class HalfDuplexGate:
+    """Mutes the microphone while the reference carries audio and `tail_ms` after it.
+
+    Sample-exact: returns as many samples as it is given.
+
+    Args:
+        tail_ms: the room's reverberation and the output latency's jitter, still heard after
+            the last played sample.
+        sample_rate_hz: rate of both signals.
+    """
+
+    def __init__(self, tail_ms: int = 300, sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> None:
+        self.tail_samples = tail_ms * sample_rate_hz // MS_PER_S
+        self.reset()
+
+    def reset(self) -> None:
+        self._since_active = self.tail_samples + 1  # samples since the reference was last active
+        self.muted_samples = 0
+
+    @property
+    def in_warmup(self) -> bool:
+        return False
+
+    @property
+    def muting(self) -> bool:
+        """True if the last processed sample was muted."""
+        return self._since_active <= self.tail_samples
+
+    def process(self, mic_16k: np.ndarray, reference_16k: np.ndarray) -> np.ndarray:
+        mic, ref = _as_pair(mic_16k, reference_16k)
+        positions = np.arange(len(mic))
+        active_at = np.where(np.abs(ref) > ACTIVITY_THRESHOLD, positions, -1)
+        last_active = np.maximum.accumulate(active_at) if len(mic) else active_at  # (T,)
+        since = np.where(last_active >= 0, positions - last_active, self._since_active + positions + 1)
+        muted = since <= self.tail_samples
+        if len(mic):
+            self._since_active = int(since[-1])
+        self.muted_samples += int(np.count_nonzero(muted))
+        return np.where(muted, 0.0, mic).astype(np.float32)
+
+
+def _as_pair(mic: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mic = np.asarray(mic, dtype=np.float32).reshape(-1)
+    ref = np.asarray(ref, dtype=np.float32).reshape(-1)
+    if len(mic) != len(ref):
+        raise ValueError(f"microphone and reference lengths differ: {len(mic)} vs {len(ref)}")
+    return mic, ref
+
+
+def erle_db(mic: np.ndarray, cleaned: np.ndarray) -> float:
+    """Echo return loss enhancement: power of the echo-only microphone signal over the
+    power left after cancellation, in dB (aligned, equal-length float arrays)."""
+    residual = float(np.mean(np.square(cleaned, dtype=np.float64)))
+    return 10.0 * float(np.log10(float(np.mean(np.square(mic, dtype=np.float64))) / max(residual, 1e-20)))
