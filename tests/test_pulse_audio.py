@@ -1,0 +1,174 @@
+"""DuplexStream through real PortAudio streams on a virtual PulseAudio sound card.
+
+Skipped, with the reason, where pulseaudio/pacat, the ALSA pulse plugin or PyAudio are
+missing. See tests/pulse_harness.py for the wiring.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio_io.aec import erle_db
+from audio_io.duplex import DuplexStream
+from audio_io.resample import resample
+from audio_io.wav_file import read_mono
+from tests.pulse_harness import (
+    INPUT_DEVICE,
+    MONITOR_RATE_HZ,
+    OUTPUT_DEVICE,
+    PulseHarness,
+    missing_requirement,
+)
+
+QUESTION = Path(__file__).resolve().parents[2] / "shared/fixtures/freeze-omni-tiny/inputs/question.wav"
+RATES = [pytest.param(None, id="native-rate"), pytest.param(48_000, id="48k-pair")]
+
+pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))
+
+
+@pytest.fixture(scope="module")
+def pulse(tmp_path_factory) -> PulseHarness:
+    harness = PulseHarness(tmp_path_factory.mktemp("pulse"))
+    harness.start()
+    yield harness
+    harness.stop()
+
+
+def question(rate_hz: int) -> np.ndarray:
+    if not QUESTION.is_file():
+        pytest.skip(f"shared fixture not found at {QUESTION}")
+    return read_mono(QUESTION, rate_hz)
+
+
+def settle(stream: DuplexStream, timeout_s: float = 4.0) -> None:
+    """Wait for the first microphone chunk, then drop what is queued."""
+    deadline = time.monotonic() + timeout_s
+    while stream.read_model_chunk(0.05) is None:
+        assert time.monotonic() < deadline, "no microphone audio"
+    while stream.read_model_chunk(0.0) is not None:
+        pass
+
+
+def read_for(stream: DuplexStream, seconds: float) -> np.ndarray:
+    chunks, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        chunk = stream.read_model_chunk(0.1)
+        if chunk is not None:
+            chunks.append(chunk)
+    return np.concatenate(chunks)
+
+
+@pytest.mark.parametrize("rate_hz", RATES)
+def test_play_reaches_the_speaker(pulse, rate_hz):
+    with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, input_rate_hz=rate_hz, output_rate_hz=rate_hz) as stream:
+        if rate_hz:
+            assert (stream.input_rate_hz, stream.output_rate_hz) == (rate_hz, rate_hz)
+        settle(stream)
+        mark = pulse.recorded_bytes("spk")
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000)).astype(np.float32)
+        stream.play(tone[:10_000])
+        stream.play(tone[10_000:])  # two pieces join without a click
+        stream.finish_playback()
+        read_for(stream, 1.5)
+        assert stream.played_samples_24k == 24_000 and stream.queued_samples_24k == 0
+        assert stream.underruns == 0 and stream.callback_errors == 0
+        time.sleep(0.2)
+    heard = pulse.recording("spk", mark)
+    active = np.flatnonzero(np.abs(heard) > 0.05)
+    span = heard[active[0]:active[-1] + 1]
+    assert abs(len(span) / MONITOR_RATE_HZ - 1.0) < 0.01
+    assert abs(np.abs(span).max() - 0.3) < 0.01
+    spectrum = np.abs(np.fft.rfft(span))
+    assert abs(np.argmax(spectrum) * MONITOR_RATE_HZ / len(span) - 440) < 2
+    windows = span[: len(span) // 480 * 480].reshape(-1, 480)  # (10 ms windows, samples)
+    assert np.sqrt(np.mean(windows ** 2, axis=1)).min() > 0.15  # no gap anywhere
+
+
+@pytest.mark.parametrize("rate_hz", RATES)
+def test_microphone_reaches_the_model_at_16k(pulse, rate_hz):
+    speech = question(16_000)
+    with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, input_rate_hz=rate_hz, output_rate_hz=rate_hz) as stream:
+        settle(stream)
+        player = pulse.play_into(resample(speech, 16_000, MONITOR_RATE_HZ), MONITOR_RATE_HZ, sink="mic")
+        heard = read_for(stream, len(speech) / 16_000 + 1.0)
+        player.wait(timeout=5)
+        assert stream.overruns == 0
+    correlation = np.correlate(heard, speech, "valid")
+    lag = int(np.argmax(np.abs(correlation)))
+    segment = heard[lag:lag + len(speech)]
+    similarity = float(np.dot(segment, speech) / np.linalg.norm(segment) / np.linalg.norm(speech))
+    assert similarity > 0.95 and lag < 8_000, (similarity, lag)
+
+
+def test_echo_cancelled_through_real_streams(pulse, record_property):
+    """The speaker leaks into the microphone 40 ms later at 50 % volume (−18 dB); AEC removes it."""
+    pytest.importorskip("pywebrtc_audio")
+    from audio_io.aec import WebRtcEchoCanceller
+
+    speech = np.tile(question(24_000), 2)
+    loopback = pulse.add_echo_path(delay_ms=40, volume_percent=50)
+    try:
+        with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, echo_canceller=WebRtcEchoCanceller()) as stream:
+            settle(stream)
+            mark = pulse.recorded_bytes("mic")
+            stream.play(speech)
+            stream.finish_playback()
+            cleaned = read_for(stream, len(speech) / 24_000)
+            raw = resample(pulse.recording("mic", mark), MONITOR_RATE_HZ, 16_000)
+    finally:
+        pulse.pactl("unload-module", loopback)
+    after_warmup = slice(16_000, min(len(raw), len(cleaned)) - 8_000)
+    assert np.sqrt(np.mean(raw[after_warmup] ** 2)) > 0.005  # the echo is really there
+    erle = erle_db(raw[after_warmup], cleaned[after_warmup])
+    record_property("aec_erle_real_streams_db", round(erle, 1))
+    assert erle >= 20.0, erle
+
+
+def process_size() -> tuple[int, int]:
+    """(OS threads, resident kB) of this process."""
+    status = Path("/proc/self/status").read_text()
+    return len(os.listdir("/proc/self/task")), int(status.split("VmRSS:")[1].split()[0])
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float) -> float:
+    """Seconds until predicate() held; fails after timeout_s."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        time.sleep(poll_s)
+    return time.monotonic() - start
+
+
+def test_hot_plug_ten_times(pulse, caplog):
+    """Unplug the microphone or the speaker mid-answer, plug it back: lost once, back in 2 s."""
+    caplog.set_level(logging.WARNING, logger="audio_io.duplex")
+    tone = (0.2 * np.sin(2 * np.pi * 300 * np.arange(48_000) / 24_000)).astype(np.float32)
+    with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE) as stream:
+        settle(stream)
+        baseline = None
+        for cycle in range(10):
+            sink = "spk" if cycle % 2 else "mic"
+            stream.play(tone)  # an answer is playing when the device goes
+            time.sleep(0.3)
+            played_before = stream.played_samples_24k
+            pulse.unload_sink(sink)
+            wait_until(lambda: not stream.healthy, timeout_s=2.0, poll_s=0.01)
+            assert not stream.reopen()  # still gone
+            pulse.load_sink(sink)
+            back_s = wait_until(stream.reopen, timeout_s=2.0, poll_s=0.5)  # the daemon's retry pace
+            assert back_s < 2.0
+            settle(stream)
+            assert stream.healthy and stream.queued_samples_24k == 0  # audio for the lost device dropped
+            assert stream.played_samples_24k >= played_before
+            stream.flush_playback()
+            if cycle == 1:
+                baseline = process_size()
+        threads, rss_kb = process_size()
+    assert sum("audio device lost" in r.message for r in caplog.records) == 10
+    assert threads == baseline[0], (threads, baseline)
+    assert rss_kb - baseline[1] < 2_048, (rss_kb, baseline)
