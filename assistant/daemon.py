@@ -108,6 +108,8 @@ class DaemonCounters:
     barge_ins: int = 0
     ignored_interruptions: int = 0
     device_losses: int = 0
+    recoveries: int = 0
+    """Dialogue steps that failed and were recovered from by starting afresh."""
 
 
 @dataclass
@@ -142,9 +144,20 @@ class Daemon:
 
     # -- main loop ------------------------------------------------------------------
     def run(self, should_stop) -> None:
-        """Tick until `should_stop()` is true."""
+        """Tick until `should_stop()` is true; a failing tick is logged and the dialogue restarted."""
         while not should_stop():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - an always-on daemon must outlive one bad turn
+                logger.exception("dialogue step failed; starting a fresh dialogue")
+                self._recover()
+
+    def _recover(self) -> None:
+        self.counters.recoveries += 1
+        self._turn, self._answer_times = None, None
+        self._controls.clear()
+        self.audio.flush_playback()
+        self.conv.reset()
 
     def tick(self) -> None:
         if not self._audio_ok():

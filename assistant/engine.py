@@ -242,6 +242,8 @@ class Engine:
         models = self.models
         tts_text = normalize_tts_text(segment.text)
         ids = models.tokenizer.encode(tts_text, add_special_tokens=False)
+        if not ids or not segment.hidden_states:
+            return self._silent_segment(state, segment, tts_text)
         like = models.llm.heads.prompt_embeddings.weight
         idim = models.decoder.dims.idim
         text_rows = split_llm_rows(models.llm.embed_tokens(ids, like), idim)  # (4n, idim)
@@ -266,6 +268,20 @@ class Engine:
         state.segments_spoken += 1
         if state.answer is not None:
             state.answer.spoken.append(SpokenSegment(tokens=len(segment.hidden_states)))
+        return state
+
+    def _silent_segment(self, state: SessionState, segment: Segment, tts_text: str) -> SessionState:
+        """A segment with no text to speak (official crash case, spec §14.4): no audio."""
+        logger.debug("segment %r has nothing to speak", segment.text)
+        state.speech = SpeechState(
+            decoder=DecoderCache(max_new_tokens=1), codec=CodecStreamState(CodecStreamConfig(
+                samples_per_token=self.models.backends.codec.samples_per_token)),
+            text=segment.text, tts_text=tts_text, tts_token_ids=[], top_k=self.options.speech_top_k,
+            max_tokens=0, done=True, end_reason="empty",
+        )
+        state.segments_spoken += 1
+        if state.answer is not None:
+            state.answer.spoken.append(SpokenSegment(tokens=len(segment.hidden_states), finished=True))
         return state
 
     @torch.inference_mode()

@@ -222,7 +222,7 @@ class SelfAttention(nn.Module):
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v)  # [H, T, hd]
-        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], -1))  # -> [T, D]
+        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.head_dim))  # -> [T, D]
 
 
 class GatedMlp(nn.Module):

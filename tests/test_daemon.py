@@ -125,3 +125,17 @@ def test_a_short_pause_does_not_end_the_turn():
     _run(daemon, 40)
     assert "close_ignored_turn" not in conv.names()
     assert conv.names().count("start_answer") == 1
+
+
+def test_a_failing_step_is_logged_and_the_dialogue_restarts(caplog):
+    mic = speech_chunks(3) + silence_chunks(10)
+    daemon, conv, audio, _ = _daemon(mic, [(Decision.RESPOND, 2)], speech_tokens=40)
+
+    def broken_step():
+        raise RuntimeError("decoder exploded")
+
+    conv.answer_step = broken_step
+    ticks = iter(range(12))
+    daemon.run(lambda: next(ticks, None) is None)
+    assert daemon.counters.recoveries >= 1 and "reset" in conv.names()
+    assert "decoder exploded" in caplog.text

@@ -156,3 +156,17 @@ def test_speech_decoder_inputs_match_official(engine, tiny_dir):
         torch.testing.assert_close(rows, expected["decoder_hidden_in"])
         scale = expected["decoder_prefix_in"].abs().max().item()
         torch.testing.assert_close(prefix, expected["decoder_prefix_in"], atol=1e-4 * scale, rtol=0)
+
+
+def test_segment_without_text_is_silent(engine, tiny_dir):
+    """Official crash case (spec §14.4): a final segment with hidden states but no text."""
+    from assistant.segmentation import Segment
+
+    state = engine.prefill_system(engine.new_session(seed=0))
+    for chunk in _chunks(tiny_dir, "question")[:2]:
+        _, state = engine.listen_chunk(state, chunk, follow_decision=False)
+    _, state = engine.start_speaking(state)
+    hidden = torch.zeros(engine.models.llm.hidden_size)
+    assert list(engine.speak_segment(state, Segment(text="", hidden_states=[hidden]))) == []
+    assert state.speech.done and state.speech.tts_token_ids == []
+    assert state.answer.spoken[-1].finished and state.answer.spoken[-1].samples == 0
