@@ -36,6 +36,7 @@ class AudioPort(Protocol):
     def read_model_chunk(self, timeout_s: float) -> np.ndarray | None: ...
     def play(self, pcm_24k: np.ndarray) -> None: ...
     def flush_playback(self) -> int: ...
+    def finish_playback(self) -> None: ...
     @property
     def played_samples_24k(self) -> int: ...
     @property
@@ -120,6 +121,8 @@ class _Turn:
     """True: heard while the assistant speaks (barge-in candidate)."""
     stopped_at: float | None = None
     """VAD stop time, if the user has gone quiet."""
+    chunks: int = 0
+    """Chunks heard in this turn after its start."""
 
 
 class Daemon:
@@ -140,6 +143,7 @@ class Daemon:
         self._last_activity = self.clock.monotonic()
         self._last_reopen = 0.0
         self._audio_was_healthy = True
+        self._playback_started_at: float | None = None
         self.turn_log: list[dict] = []
 
     # -- main loop ------------------------------------------------------------------
@@ -178,11 +182,15 @@ class Daemon:
         started, stopped = self.gate.speech_started(clean)
         now = self.clock.monotonic()
         if self._turn is None and started:
-            self._open_turn(on_fork=answering and self.echo.allows_barge_in)
+            if answering and not self.echo.allows_barge_in:
+                started = False  # half duplex, or AEC not adapted yet: not a user turn
+            else:
+                self._open_turn(on_fork=answering)
         if self._turn is None:
             self._recent.append(clean)
             return
         self._last_activity = now
+        self._turn.chunks += 1
         if started:  # the user went on after a pause: the same turn continues
             self._turn.stopped_at = None
         if stopped and self._turn.stopped_at is None:
@@ -216,8 +224,22 @@ class Daemon:
         elif decision is Decision.IGNORE:
             self._ignore()
 
+    def _barge_in_allowed(self, now: float) -> bool:
+        """Echo control works and the current answer has played long enough for AEC to adapt."""
+        if not self.echo.allows_barge_in:
+            return False
+        started = self._playback_started_at
+        holdoff_s = self.settings.echo.aec_warmup_ms / 1000.0
+        return started is None or now - started >= holdoff_s
+
     def _respond(self, now: float) -> None:
         assert self._turn is not None
+        min_chunks = self.settings.dialogue.min_barge_in_ms / (1000.0 * MODEL_CHUNK_S)
+        if self._turn.on_fork and (self._turn.chunks < min_chunks or not self._barge_in_allowed(now)):
+            # Residual echo comes in short bursts, mostly while AEC re-adapts at an answer's start.
+            logger.info("interruption too short or too early (%d chunks): ignored", self._turn.chunks)
+            self._ignore()
+            return
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)
         if self._turn.on_fork:
             if self.conv.answering or self.audio.queued_samples_24k > 0:  # something to cut
@@ -228,6 +250,7 @@ class Daemon:
         self.conv.start_answer()
         self._answer_times = times
         self._answer_start_played = self.audio.played_samples_24k + self.audio.queued_samples_24k
+        self._playback_started_at = None
         self.counters.turns_answered += 1
 
     def _ignore(self) -> None:
@@ -276,8 +299,11 @@ class Daemon:
             self._mark(work)
             for pcm in work.pcm:
                 if pcm.size:
+                    if self._playback_started_at is None:
+                        self._playback_started_at = self.clock.monotonic()
                     self.audio.play(pcm)
             if work.done:
+                self.audio.finish_playback()  # release the last partial block
                 return
 
     def _mark(self, work) -> None:

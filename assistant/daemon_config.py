@@ -43,7 +43,7 @@ class EchoSettings:
     aec_enabled: bool = True
     """Cancel the assistant's own voice from the microphone (needs pywebrtc-audio)."""
     aec_warmup_ms: int = 500
-    """Barge-in is not allowed during the first moments of AEC adaptation."""
+    """Barge-in is not allowed during the first moments of each answer, while AEC adapts."""
     half_duplex_tail_ms: int = 300
     """Without AEC: the microphone stays muted this long after playback ends."""
 
@@ -64,6 +64,8 @@ class DialogueSettings:
     """The dialogue history is forgotten after this long without speech."""
     playback_lead_s: float = 0.6
     """Generation runs ahead of the speaker by at most this much queued audio."""
+    min_barge_in_ms: int = 400
+    """An interruption shorter than this (speech heard after its VAD start) is ignored."""
     max_answer_steps_per_tick: int = 8
     """Answer work units between two microphone reads: listening always comes first."""
 

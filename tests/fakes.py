@@ -80,6 +80,9 @@ class FakeDuplex:
         self.flushes.append(self.clock.now)
         return dropped
 
+    def finish_playback(self) -> None:
+        """Blocks here are queued whole; nothing is held back."""
+
     def reopen(self) -> bool:
         self.reopen_calls += 1
         if self.clock.now >= self.fail_reopen_until:
