@@ -84,6 +84,9 @@ class OrtGraph:
 
     def __init__(self, ort: Any, path: Path, placement: Placement, threads: int | None) -> None:
         options = ort.SessionOptions()
+        # ORT's worker threads spin after each run by default; between two graph calls the
+        # engine runs torch (the LLM) on the same cores, which the spinning would starve.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
