@@ -41,6 +41,10 @@ class AudioPort(Protocol):
     def played_samples_24k(self) -> int: ...
     @property
     def queued_samples_24k(self) -> int: ...
+    @property
+    def playing(self) -> bool:
+        """Audio queued or still inside the device's output latency."""
+        ...
     def reopen(self) -> bool: ...
 
 
@@ -144,6 +148,7 @@ class Daemon:
         self._last_reopen = 0.0
         self._audio_was_healthy = True
         self._playback_started_at: float | None = None
+        self._last_playing_at: float | None = None
         self.turn_log: list[dict] = []
 
     # -- main loop ------------------------------------------------------------------
@@ -166,7 +171,7 @@ class Daemon:
     def tick(self) -> None:
         if not self._audio_ok():
             return
-        answering = self.conv.answering or self.audio.queued_samples_24k > 0
+        answering = self.conv.answering or self._speaker_busy()
         chunk = self.audio.read_model_chunk(timeout_s=0.0 if self.conv.answering else 0.05)
         if chunk is not None:
             self._on_mic_chunk(chunk, answering)
@@ -178,7 +183,7 @@ class Daemon:
 
     # -- listening ------------------------------------------------------------------
     def _on_mic_chunk(self, chunk: np.ndarray, answering: bool) -> None:
-        clean = self.echo.process(chunk, playing=self.audio.queued_samples_24k > 0)
+        clean = self.echo.process(chunk, playing=self.audio.playing)
         started, stopped = self.gate.speech_started(clean)
         now = self.clock.monotonic()
         if self._turn is None and started:
@@ -224,6 +229,16 @@ class Daemon:
         elif decision is Decision.IGNORE:
             self._ignore()
 
+    def _speaker_busy(self) -> bool:
+        """Our voice may still be in the room: audio queued, inside the device latency, or
+        within the echo tail after it (capture and room delay)."""
+        now = self.clock.monotonic()
+        if self.audio.playing:
+            self._last_playing_at = now
+            return True
+        tail_s = self.settings.echo.half_duplex_tail_ms / 1000.0
+        return self._last_playing_at is not None and now - self._last_playing_at < tail_s
+
     def _barge_in_allowed(self, now: float) -> bool:
         """Echo control works and the current answer has played long enough for AEC to adapt."""
         if not self.echo.allows_barge_in:
@@ -242,7 +257,7 @@ class Daemon:
             return
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)
         if self._turn.on_fork:
-            if self.conv.answering or self.audio.queued_samples_24k > 0:  # something to cut
+            if self.conv.answering or self.audio.playing:  # something to cut
                 self._controls.appendleft(Control.BARGE_IN)
                 self._handle_controls()
             self.conv.commit_barge_in(self._played_in_answer())

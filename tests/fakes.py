@@ -55,6 +55,10 @@ class FakeDuplex:
     def queued_samples_24k(self) -> int:
         return sum(len(q) for q in self.queue)
 
+    @property
+    def playing(self) -> bool:
+        return bool(self.queue)
+
     def read_model_chunk(self, timeout_s: float) -> np.ndarray | None:
         self.clock.now += CHUNK_SAMPLES / 16000
         self._drain(CHUNK_SAMPLES * OUTPUT_RATE_HZ // 16000)
