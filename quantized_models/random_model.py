@@ -174,15 +174,22 @@ def _write_codec(folder: Path, spec: RandomModelSpec, gen: torch.Generator) -> N
     cfg["global_tokens"] = [t % spec.codec_vocab for t in cfg["global_tokens"]]
     (folder / "model.json").write_text(json.dumps(cfg, indent=1))
     codec = CodecDecoder(CodecDims.from_model_json(folder / "model.json"))
+    torch.save(released_codec_state(codec, gen), folder / "final.pt")
+
+
+def released_codec_state(codec: CodecDecoder, gen: torch.Generator,
+                         bias_scale: float = 0.01) -> dict[str, dict[str, torch.Tensor]]:
+    """Random codec weights stored like the release: `generator` with weight-norm pairs for
+    every convolution, and `quantizer`."""
     generator: dict[str, torch.Tensor] = {}
     for key, value in codec.generator.state_dict().items():
         if key.endswith(".weight"):  # every generator conv is weight-normed in the release
             stem = key[: -len(".weight")]
             generator[f"{stem}.weight_g"], generator[f"{stem}.weight_v"] = _weight_norm_pair(value, gen)
         else:
-            generator[key] = 0.01 * torch.randn(value.shape, generator=gen)
+            generator[key] = bias_scale * torch.randn(value.shape, generator=gen)
     quantizer = {k: torch.randn(v.shape, generator=gen) for k, v in codec.quantizer.state_dict().items()}
-    torch.save({"generator": generator, "quantizer": quantizer}, folder / "final.pt")
+    return {"generator": generator, "quantizer": quantizer}
 
 
 def _write_llm(folder: Path, spec: RandomModelSpec, tokenizer_dir: Path, seed: int) -> None:

@@ -245,6 +245,16 @@ class PulseHarness:
         raise RuntimeError(f"module-loopback {module} has no sink input")
 
 
+def wait_until(predicate, timeout_s: float) -> bool:
+    """Poll `predicate` every 50 ms; True as soon as it holds, False after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _terminate(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, one process by its PID."""
     if process.poll() is not None:

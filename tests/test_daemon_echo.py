@@ -13,7 +13,7 @@ import pytest
 import soundfile
 import torch
 
-from tests.pulse_harness import INPUT_DEVICE, OUTPUT_DEVICE, PulseHarness, missing_requirement
+from tests.pulse_harness import wait_until, INPUT_DEVICE, OUTPUT_DEVICE, PulseHarness, missing_requirement
 
 pytestmark = [
     pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement())),
@@ -39,14 +39,6 @@ def engine(tiny_dir):
                                         max_new_tokens=8, max_speech_tokens=60))
 
 
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def _answers_with_echo(pulse, engine, tiny_dir, aec: bool, answers: int):
     from assistant.conversation import Conversation
@@ -67,8 +59,8 @@ def _answers_with_echo(pulse, engine, tiny_dir, aec: bool, answers: int):
     try:
         for i in range(answers):
             pulse.play_into(question, rate).wait()
-            assert _wait(lambda: daemon.counters.turns_answered > i, 10.0), f"question {i} not answered"
-            _wait(lambda: not conversation.answering and not audio.playing, 15.0)
+            assert wait_until(lambda: daemon.counters.turns_answered > i, 10.0), f"question {i} not answered"
+            wait_until(lambda: not conversation.answering and not audio.playing, 15.0)
             time.sleep(0.5)  # the echo tail
             if not aec and daemon.counters.barge_ins:
                 break

@@ -1,7 +1,6 @@
 """The daemon driving the real engine (official tiny model) through a fake clocked device."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

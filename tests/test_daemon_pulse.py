@@ -14,7 +14,7 @@ import pytest
 import soundfile
 import torch
 
-from tests.pulse_harness import INPUT_DEVICE, MONITOR_RATE_HZ, OUTPUT_DEVICE, PulseHarness, missing_requirement
+from tests.pulse_harness import wait_until, INPUT_DEVICE, MONITOR_RATE_HZ, OUTPUT_DEVICE, PulseHarness, missing_requirement
 
 pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))
 
@@ -26,14 +26,6 @@ def _loud_windows(recording: np.ndarray) -> np.ndarray:
     n = len(recording) // window
     return np.abs(recording[: n * window]).reshape(n, window).mean(axis=1) > ANSWER_LEVEL  # (n,)
 
-
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture()
@@ -70,13 +62,13 @@ def test_daemon_answers_and_is_interrupted_through_real_audio(pulse, tiny_dir):
     try:
         mark = pulse.recorded_bytes("spk")
         pulse.play_into(question, rate).wait()
-        assert _wait(lambda: _loud_windows(pulse.recording("spk", mark)).any(), 15.0), \
+        assert wait_until(lambda: _loud_windows(pulse.recording("spk", mark)).any(), 15.0), \
             "the answer never reached spk.monitor"
         assert daemon.counters.turns_answered == 1
         time.sleep(0.5)  # the answer is playing
         pulse.play_into(question, rate).wait()
-        assert _wait(lambda: daemon.counters.barge_ins == 1, 10.0), "the second question did not cut in"
-        assert _wait(lambda: daemon.counters.turns_answered == 2, 5.0)
+        assert wait_until(lambda: daemon.counters.barge_ins == 1, 10.0), "the second question did not cut in"
+        assert wait_until(lambda: daemon.counters.turns_answered == 2, 5.0)
     finally:
         stop.set()
         loop.join(timeout=10)

@@ -29,6 +29,7 @@ from quantized_models.encoder import EncoderDims, SpeechEncoder
 from quantized_models.frontend import CHUNK_SAMPLES, load_json_cmvn
 from quantized_models.llm import AudioLlmDims, AudioLlmHeads
 from quantized_models.model_dir import load_models
+from quantized_models.random_model import released_codec_state
 from quantized_models.speech_decoder import DecoderDims, SpeechDecoder
 
 SEED = 1234
@@ -152,13 +153,6 @@ def _write_decoder(decoder_dir: Path, gen: torch.Generator) -> None:
     torch.save({"model": state}, decoder_dir / "final.pt")
 
 
-def _weight_norm_pair(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight_g [dim0, 1, 1], weight_v) such that g * v / ||v|| is a random conv weight."""
-    v = torch.randn(weight.shape, generator=gen)
-    norm = v.reshape(v.shape[0], -1).norm(dim=1).view(-1, 1, 1)  # [dim0, 1, 1]
-    g = norm * (0.5 + torch.rand(norm.shape, generator=gen)) / math.sqrt(v[0].numel())
-    return g, v
-
 
 def _write_codec(codec_dir: Path, tiny_dir: Path, gen: torch.Generator) -> dict:
     cfg = json.loads((tiny_dir / "checkpoints/codec/model.json").read_text())
@@ -170,15 +164,7 @@ def _write_codec(codec_dir: Path, tiny_dir: Path, gen: torch.Generator) -> dict:
     })
     (codec_dir / "model.json").write_text(json.dumps(cfg, indent=1))
     codec = CodecDecoder(CodecDims.from_model_json(codec_dir / "model.json"))
-    generator: dict[str, torch.Tensor] = {}
-    for key, value in codec.generator.state_dict().items():
-        if key.endswith(".weight"):  # every generator conv is weight-normed in the release
-            stem = key[: -len(".weight")]
-            generator[f"{stem}.weight_g"], generator[f"{stem}.weight_v"] = _weight_norm_pair(value, gen)
-        else:
-            generator[key] = 0.05 * torch.randn(value.shape, generator=gen)
-    quantizer = {k: torch.randn(v.shape, generator=gen) for k, v in codec.quantizer.state_dict().items()}
-    state = {"generator": generator, "quantizer": quantizer}
+    state = released_codec_state(codec, gen, bias_scale=0.05)
     torch.save(state, codec_dir / "final.pt")
     return state
 
