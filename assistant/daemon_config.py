@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
-
-class TurnEnd(Enum):
-    MODEL = "model"
-    """The state head ends the user's turn (respond / ignore)."""
-    VAD = "vad"
-    """A stretch of VAD silence ends the turn and it is answered (untrained state heads, tests)."""
+from assistant.dialogue import TurnEnd
 
 
 @dataclass(frozen=True)
@@ -91,5 +85,7 @@ class DaemonSettings:
                 problems.append(f"dialogue.{name}={value}: use a probability in [0, 1]")
         if self.dialogue.playback_lead_s <= 0 or self.dialogue.max_answer_steps_per_tick < 1:
             problems.append("dialogue.playback_lead_s must be > 0 and max_answer_steps_per_tick >= 1")
+        if self.dialogue.turn_end is TurnEnd.FILE:
+            problems.append("dialogue.turn_end=file is for `freeze-omni respond`; use model or vad")
         if problems:
             raise ValueError("; ".join(problems))

@@ -56,6 +56,17 @@ class Event(Enum):
     """The answer ended (end-of-turn token, token cap or cancellation)."""
 
 
+class TurnEnd(Enum):
+    """What ends a user's turn."""
+
+    MODEL = "model"
+    """The state head (respond / ignore), the Freeze-Omni way."""
+    FILE = "file"
+    """The end of the input file; decisions are only recorded (official offline driver)."""
+    VAD = "vad"
+    """A stretch of VAD silence; the turn is answered (untrained state heads, tests)."""
+
+
 class InvalidTransition(ValueError):
     """An event arrived in a state where it has no meaning (a caller bug)."""
 

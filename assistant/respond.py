@@ -4,26 +4,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
 
-from assistant.dialogue import Decision
+from assistant.dialogue import Decision, TurnEnd
 from assistant.engine import Engine, ListenResult
 from assistant.segmentation import Segment
 from assistant.session import SessionState
 from quantized_models.frontend import CHUNK_SAMPLES
 
 logger = logging.getLogger(__name__)
-
-
-class TurnEnd(Enum):
-    FILE = "file"
-    """The whole input is one user turn; decisions are only recorded (official offline driver)."""
-    MODEL = "model"
-    """Stop listening as soon as the state head says respond or ignore."""
 
 
 @dataclass
@@ -128,7 +120,12 @@ def _answer(engine: Engine, state: SessionState, result: TurnResult) -> None:
 
 def run_turn(engine: Engine, samples: np.ndarray, turn_end: TurnEnd, seed: int | None,
              role: str | None = None) -> TurnResult:
-    """Run one user turn (16 kHz float mono samples) through a fresh session."""
+    """Run one user turn (16 kHz float mono samples) through a fresh session.
+
+    `turn_end` is FILE (the whole input) or MODEL (stop at the first respond/ignore).
+    """
+    if turn_end is TurnEnd.VAD:
+        raise ValueError("a file turn ends with the file or by the model; VAD turn end is for live audio")
     result = TurnResult()
     state = engine.new_session(seed)
     start = time.perf_counter()

@@ -144,7 +144,7 @@ def run_daemon(models: Any, settings: DaemonSettings, seed: int | None = None) -
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-device", default=None, help="substring of the microphone's name")
     p.add_argument("--output-device", default=None, help="substring of the speaker's name")
-    p.add_argument("--turn-end", choices=[t.value for t in TurnEnd], default=TurnEnd.MODEL.value)
+    p.add_argument("--turn-end", choices=[TurnEnd.MODEL.value, TurnEnd.VAD.value], default=TurnEnd.MODEL.value)
     p.add_argument("--no-aec", action="store_true", help="half duplex: mute the microphone while speaking")
     p.add_argument("--vad-aggressiveness", type=int, default=2, choices=range(4))
     p.add_argument("--events", default=None, help="append one JSON line per answered turn here")

@@ -139,3 +139,10 @@ def test_a_failing_step_is_logged_and_the_dialogue_restarts(caplog):
     daemon.run(lambda: next(ticks, None) is None)
     assert daemon.counters.recoveries >= 1 and "reset" in conv.names()
     assert "decoder exploded" in caplog.text
+
+
+def test_file_turn_end_is_refused_for_live_audio():
+    import pytest
+
+    with pytest.raises(ValueError, match="turn_end=file"):
+        DaemonSettings(dialogue=DialogueSettings(turn_end=TurnEnd.FILE))
