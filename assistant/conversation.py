@@ -135,10 +135,3 @@ class Conversation:
         if self.fork is not None:
             barge_in.keep_ignored_turn(self.state, self.fork)
             self.fork = None
-
-    @property
-    def heard_text(self) -> str:
-        answer = self.state.answer
-        if answer is None:
-            return ""
-        return answer.heard_text if answer.heard_text is not None else answer.detokenizer.text

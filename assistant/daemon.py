@@ -78,7 +78,6 @@ class Control(Enum):
     """Priority control messages: handled before any data work of the tick."""
 
     BARGE_IN = auto()
-    SHUTDOWN = auto()
 
 
 @dataclass

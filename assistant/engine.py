@@ -191,7 +191,6 @@ class Engine:
             segmenter=Segmenter(self.options.segmentation),
             llm_length_at_start=state.llm.seq_length,
         )
-        state.segments_spoken = 0
         logits, hidden = self.models.llm.start_answer(state.llm)
         return self._accept_token(state, logits, hidden), state
 
@@ -251,7 +250,8 @@ class Engine:
         prefix_rows = split_llm_rows(hidden, idim)  # (4k, idim)
         cache = DecoderCache(max_new_tokens=self.options.max_speech_tokens)
         decoder_cache = models.backends.decoder.prefill(text_rows, prefix_rows, cache)
-        first = state.segments_spoken == 0
+        # The demo server's "first segment" settings apply to the answer's first segment.
+        first = state.answer is None or not state.answer.spoken
         emission = self.options.emission
         codec_state = CodecStreamState(CodecStreamConfig(
             samples_per_token=models.backends.codec.samples_per_token,
@@ -265,7 +265,6 @@ class Engine:
             tts_token_ids=list(ids), top_k=self.options.speech_top_k,
             max_tokens=self.options.max_speech_tokens,
         )
-        state.segments_spoken += 1
         if state.answer is not None:
             state.answer.spoken.append(SpokenSegment(tokens=len(segment.hidden_states)))
         return state
@@ -279,7 +278,6 @@ class Engine:
             text=segment.text, tts_text=tts_text, tts_token_ids=[], top_k=self.options.speech_top_k,
             max_tokens=0, done=True, end_reason="empty",
         )
-        state.segments_spoken += 1
         if state.answer is not None:
             state.answer.spoken.append(SpokenSegment(tokens=len(segment.hidden_states), finished=True))
         return state

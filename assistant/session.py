@@ -89,8 +89,6 @@ class SessionState:
     """Ignored user turns heard while speaking; appended to the context when the answer ends."""
     answer: AnswerState | None = None
     speech: SpeechState | None = None
-    segments_spoken: int = 0
-    """Text segments of the current answer handed to the speech decoder so far."""
 
     def reset_listening(self) -> None:
         """Fresh encoder/adapter caches and positional index for a new user turn (spec §5)."""
