@@ -4,7 +4,7 @@ Single-threaded and cooperative: every tick first reads the microphone and runs 
 step (real-time work first), handles decisions — a barge-in is a priority control message
 that flushes every queued audio block at once — and only then spends a bounded number of
 work units on the answer, keeping at most `playback_lead_s` of audio queued ahead of the
-speaker. The PyAudio callbacks live in `audio_io` and only copy into queues.
+speaker. Echo control runs in the audio port; the PyAudio callbacks live in `audio_io` and only copy into queues.
 """
 from __future__ import annotations
 
@@ -56,10 +56,9 @@ class SpeechGate(Protocol):
         ...
 
 
-class EchoControl(Protocol):
-    """Removes (or mutes) the assistant's own voice from the microphone signal."""
-
-    def process(self, chunk: np.ndarray, playing: bool) -> np.ndarray: ...
+class BargeInPolicy(Protocol):
+    """Whether the user may interrupt now. Echo control itself runs inside the audio port
+    (before `read_model_chunk` returns), so the microphone signal needs nothing more here."""
 
     @property
     def allows_barge_in(self) -> bool: ...
@@ -132,8 +131,8 @@ class Daemon:
     """Drives one conversation from one duplex audio port."""
 
     def __init__(self, conversation: ConversationLike, audio: AudioPort, gate: SpeechGate,
-                 echo: EchoControl, settings: DaemonSettings, clock: Clock | None = None) -> None:
-        self.conv, self.audio, self.gate, self.echo = conversation, audio, gate, echo
+                 barge_in: BargeInPolicy, settings: DaemonSettings, clock: Clock | None = None) -> None:
+        self.conv, self.audio, self.gate, self.barge_in = conversation, audio, gate, barge_in
         self.settings = settings
         self.clock = clock or SystemClock()
         self.counters = DaemonCounters()
@@ -182,16 +181,15 @@ class Daemon:
 
     # -- listening ------------------------------------------------------------------
     def _on_mic_chunk(self, chunk: np.ndarray, answering: bool) -> None:
-        clean = self.echo.process(chunk, playing=self.audio.playing)
-        started, stopped = self.gate.speech_started(clean)
+        started, stopped = self.gate.speech_started(chunk)
         now = self.clock.monotonic()
         if self._turn is None and started:
-            if answering and not self.echo.allows_barge_in:
+            if answering and not self.barge_in.allows_barge_in:
                 started = False  # half duplex, or AEC not adapted yet: not a user turn
             else:
                 self._open_turn(on_fork=answering)
         if self._turn is None:
-            self._recent.append(clean)
+            self._recent.append(chunk)
             return
         self._last_activity = now
         self._turn.chunks += 1
@@ -200,11 +198,11 @@ class Daemon:
         if stopped and self._turn.stopped_at is None:
             self._turn.stopped_at = now
             if self.settings.dialogue.turn_end is TurnEnd.VAD:
-                self._feed(clean, follow=False)
+                self._feed(chunk, follow=False)
                 self._respond(now)
                 return
         follow = self.settings.dialogue.turn_end is TurnEnd.MODEL
-        decision = self._feed(clean, follow=follow)
+        decision = self._feed(chunk, follow=follow)
         if follow:  # in `turn_end: vad` mode decisions are only reported
             self._decide(decision, now)
 
@@ -240,7 +238,7 @@ class Daemon:
 
     def _barge_in_allowed(self, now: float) -> bool:
         """Echo control works and the current answer has played long enough for AEC to adapt."""
-        if not self.echo.allows_barge_in:
+        if not self.barge_in.allows_barge_in:
             return False
         started = self._playback_started_at
         holdoff_s = self.settings.echo.aec_warmup_ms / 1000.0

@@ -41,9 +41,6 @@ class DeviceEchoPolicy:
     def __init__(self, audio: Any, aec_enabled: bool) -> None:
         self.audio, self.aec_enabled = audio, aec_enabled
 
-    def process(self, chunk: np.ndarray, playing: bool) -> np.ndarray:
-        return chunk
-
     @property
     def allows_barge_in(self) -> bool:
         canceller = getattr(self.audio, "echo_canceller", None)

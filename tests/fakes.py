@@ -114,11 +114,8 @@ class LevelGate:
         return False, False
 
 
-class PassThroughEcho:
+class BargeInAllowed:
     allows_barge_in = True
-
-    def process(self, chunk: np.ndarray, playing: bool) -> np.ndarray:
-        return chunk
 
 
 @dataclass

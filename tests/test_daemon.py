@@ -11,7 +11,7 @@ from tests.fakes import (
     FakeClock,
     FakeDuplex,
     LevelGate,
-    PassThroughEcho,
+    BargeInAllowed,
     ScriptedConversation,
     silence_chunks,
     speech_chunks,
@@ -24,7 +24,7 @@ def _daemon(mic, script, settings=SETTINGS, **conv_kwargs):
     clock = FakeClock()
     audio = FakeDuplex(clock, mic)
     conv = ScriptedConversation(script=script, **conv_kwargs)
-    daemon = Daemon(conv, audio, LevelGate(), PassThroughEcho(), settings, clock)
+    daemon = Daemon(conv, audio, LevelGate(), BargeInAllowed(), settings, clock)
     return daemon, conv, audio, clock
 
 

@@ -14,7 +14,7 @@ from assistant.engine import Engine, EngineOptions
 from assistant.respond import split_chunks
 from quantized_models.model_dir import load_models
 from quantized_models.sampling import TextSamplingConfig
-from tests.fakes import FakeClock, FakeDuplex, LevelGate, PassThroughEcho, silence_chunks
+from tests.fakes import FakeClock, FakeDuplex, LevelGate, BargeInAllowed, silence_chunks
 
 # Random weights: the state head is meaningless, so turns end on VAD silence.
 SETTINGS = DaemonSettings(vad=VadSettings(preroll_ms=320),
@@ -39,7 +39,7 @@ def test_answer_then_barge_in_keeps_history_to_what_was_played(engine, tiny_dir)
     clock = FakeClock()
     audio = FakeDuplex(clock, mic)
     conv = Conversation(engine, seed=0)
-    daemon = Daemon(conv, audio, LevelGate(level=0.01, stop=3), PassThroughEcho(), SETTINGS, clock)
+    daemon = Daemon(conv, audio, LevelGate(level=0.01, stop=3), BargeInAllowed(), SETTINGS, clock)
     answer_tokens = None
     for _ in range(len(mic)):
         daemon.tick()
