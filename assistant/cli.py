@@ -17,8 +17,7 @@ logger = logging.getLogger("freeze_omni")
 
 def _add_respond(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("respond", help="answer one spoken question from a wav file")
-    p.add_argument("--model-dir", type=Path, required=True, help="Freeze-Omni checkpoint directory")
-    p.add_argument("--llm-dir", type=Path, required=True, help="local Hugging Face LLM directory")
+    _add_model_args(p)
     p.add_argument("--input", type=Path, required=True, help="question audio (any rate, any channels)")
     p.add_argument("--output", type=Path, required=True, help="answer wav (24 kHz mono PCM16)")
     p.add_argument("--turn-end", choices=["file", "model"], default="model",
@@ -31,13 +30,6 @@ def _add_respond(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-speech-tokens", type=int, default=1000, help="per text segment")
     p.add_argument("--segmentation", choices=["sentence", "eager"], default="sentence")
     p.add_argument("--role", default=None, help="system role text (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
-    p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
-    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none",
-                   help="load the frozen LLM quantized with bitsandbytes")
-    _add_device_args(p)
     p.add_argument("--trace", type=Path, default=None, help="write the turn's trace JSON here")
 
 
@@ -74,9 +66,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="Freeze-Omni checkpoint directory")
     p.add_argument("--llm-dir", type=Path, required=True, help="local Hugging Face LLM directory")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument("--onnx-dir", type=Path, default=None)
-    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
+    p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
+    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none",
+                   help="load the frozen LLM quantized with bitsandbytes")
     p.add_argument("--seed", type=int, default=None)
     _add_device_args(p)
 
