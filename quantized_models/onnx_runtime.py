@@ -159,11 +159,7 @@ class OnnxSpeechDecoder:
     @torch.inference_mode()
     def step(self, token_id: int, cache: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
         """One AR step: feed `token_id`, return logits [vocab] (float32) for the next id."""
-        if cache.generated >= cache.max_new_tokens:
-            raise RuntimeError(
-                f"speech decoder cache is full ({cache.max_new_tokens} AR steps); "
-                "create the DecoderCache with a larger max_new_tokens."
-            )
+        cache.check_room()
         dims, g, length = self.dims, self.step_graph, cache.length
         feeds = {"token": torch.tensor([token_id], dtype=torch.int64),
                  "position": torch.tensor(length - cache.prefix_len, dtype=torch.int64)}

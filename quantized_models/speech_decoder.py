@@ -288,6 +288,14 @@ class DecoderCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def check_room(self) -> None:
+        """Raise before an AR step that would overrun the preallocated rows."""
+        if self.generated >= self.max_new_tokens:
+            raise RuntimeError(
+                f"speech decoder cache is full ({self.max_new_tokens} AR steps); "
+                "create the DecoderCache with a larger max_new_tokens."
+            )
+
     def slot(self, layer: int) -> KvSlot:
         return KvSlot(self.keys[layer], self.values[layer], self.length)
 
@@ -351,11 +359,7 @@ class SpeechDecoder(nn.Module):
     @torch.no_grad()
     def step(self, token_id: int, cache: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
         """One AR step: feed `token_id`, return logits [vocab] for the next id."""
-        if cache.generated >= cache.max_new_tokens:
-            raise RuntimeError(
-                f"speech decoder cache is full ({cache.max_new_tokens} AR steps); "
-                "create the DecoderCache with a larger max_new_tokens."
-            )
+        cache.check_room()
         x = self._embed(token_id)  # [1, D]
         cos, sin = self.rotary(cache.length - cache.prefix_len, 1, x)
         for i, layer in enumerate(self.layers):
