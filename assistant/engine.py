@@ -35,7 +35,7 @@ from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_ste
 from quantized_models.llm import LlmKvCache
 from quantized_models.model_dir import FreezeOmniModels
 from quantized_models.sampling import TextSamplingConfig, sample_text_token
-from quantized_models.speech_decoder import DecoderCache, sample_speech_token, split_llm_rows
+from quantized_models.speech_decoder import DecoderCache, mask_non_codec, sample_speech_token, split_llm_rows
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Engine:
         decoder = self.models.backends.decoder
         previous = speech.codec_tokens[-1] if speech.codec_tokens else decoder.dims.sos_id
         logits, speech.decoder = decoder.step(previous, speech.decoder)
-        token = sample_speech_token(logits, speech.top_k, state.rng)
+        token = sample_speech_token(mask_non_codec(logits, decoder.dims), speech.top_k, state.rng)
         if token == decoder.dims.eos_id:
             pieces = self._finish_segment(state, "eos")
             self._count_audio(state, pieces)

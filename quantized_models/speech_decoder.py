@@ -369,17 +369,20 @@ class SpeechDecoder(nn.Module):
         return self.out_fnn(self.norm(x))[0], cache  # [vocab]
 
     def mask_non_codec(self, logits: torch.Tensor) -> torch.Tensor:
-        """Set BOS/SOS/PAD logits to -inf so only codec ids or EOS can be sampled.
+        return mask_non_codec(logits, self.dims)
 
-        The official code does not do this and would crash in the codec lookup if a special
-        were sampled. Masking before the softmax only rescales the other probabilities, which
-        the top-k renormalisation undoes, so the distribution is unchanged whenever no special
-        is in the top k (always the case in the recorded fixture).
-        """
-        banned = [self.dims.bos_id, self.dims.sos_id, self.dims.pad_id]
-        out = logits.clone()
-        out[..., banned] = float("-inf")
-        return out
+
+def mask_non_codec(logits: torch.Tensor, dims: DecoderDims) -> torch.Tensor:
+    """Set BOS/SOS/PAD logits to -inf so only codec ids or EOS can be sampled.
+
+    The official code does not do this and would crash in the codec lookup if a special
+    were sampled. Masking before the softmax only rescales the other probabilities, which
+    the top-k renormalisation undoes, so the distribution is unchanged whenever no special
+    is in the top k (always the case in the recorded fixture).
+    """
+    out = logits.clone()
+    out[..., [dims.bos_id, dims.sos_id, dims.pad_id]] = float("-inf")
+    return out
 
 
 def speech_top_k_probs(logits: torch.Tensor, k: int) -> torch.Tensor:
