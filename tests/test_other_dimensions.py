@@ -29,7 +29,7 @@ from quantized_models.encoder import EncoderDims, SpeechEncoder
 from quantized_models.frontend import CHUNK_SAMPLES, load_json_cmvn
 from quantized_models.llm import AudioLlmDims, AudioLlmHeads
 from quantized_models.model_dir import load_models
-from quantized_models.random_model import released_codec_state
+from quantized_models.random_model import randomise, released_codec_state
 from quantized_models.speech_decoder import DecoderDims, SpeechDecoder
 
 SEED = 1234
@@ -56,23 +56,6 @@ class OtherModel:
     audiollm_state: dict[str, torch.Tensor]
     codec_state: dict[str, dict[str, torch.Tensor]]
 
-
-def _randomise(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Seeded random values for every tensor of `module`'s state dict (in place), returned."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                tensor.fill_(37)
-            elif name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))  # must be positive
-            elif tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=gen)
-                if tensor.dim() == 1 and name.endswith("weight"):  # a norm's scale
-                    tensor.copy_(1.0 + 0.2 * noise)
-                else:  # fan-in scaling keeps activations of order one
-                    fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.numel()
-                    tensor.copy_(noise / math.sqrt(fan_in))
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def _write_llm(llm_dir: Path, tiny_dir: Path) -> None:
@@ -122,10 +105,10 @@ def _write_audiollm(audiollm: Path, cfg: dict, gen: torch.Generator) -> dict[str
     encoder_dims = EncoderDims.from_train_yaml(cfg)
     _write_cmvn(audiollm / "global_cmvn", gen, encoder_dims.n_mels)
     mean, istd = load_json_cmvn(audiollm / "global_cmvn")
-    encoder = _randomise(SpeechEncoder(encoder_dims), gen)
+    encoder = randomise(SpeechEncoder(encoder_dims), gen)
     encoder.update({"global_cmvn.mean": mean, "global_cmvn.istd": istd})
-    adapter = _randomise(Adapter(AdapterDims.from_train_yaml(cfg)), gen)
-    heads = _randomise(AudioLlmHeads(AudioLlmDims.from_train_yaml(cfg, "train.yaml")), gen)
+    adapter = randomise(Adapter(AdapterDims.from_train_yaml(cfg)), gen)
+    heads = randomise(AudioLlmHeads(AudioLlmDims.from_train_yaml(cfg, "train.yaml")), gen)
     # Never `ignore`; `respond` on most chunks but not all, so `--turn-end model` stops early.
     heads["predictor_head.bias"] = torch.tensor([0.0, 0.8, -4.0, 0.0])
     state = {f"encoder.{k}": v for k, v in encoder.items()}
@@ -148,7 +131,7 @@ def _write_decoder(decoder_dir: Path, gen: torch.Generator) -> None:
     layout = _decoder_json(DECODER_IDIM)
     (decoder_dir / "model.json").write_text(json.dumps(layout, indent=1))
     dims = DecoderDims.from_model_json(layout)
-    state = _randomise(SpeechDecoder(dims), gen)
+    state = randomise(SpeechDecoder(dims), gen)
     state["out_fnn.bias"][dims.eos_id] = -30.0  # no early EOS: every segment uses its token cap
     torch.save({"model": state}, decoder_dir / "final.pt")
 
