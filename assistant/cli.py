@@ -173,9 +173,8 @@ def run_respond(args: argparse.Namespace) -> int:
 
 
 def _load_for_dialogue(args: argparse.Namespace):
-    from quantized_models.model_dir import check_model_dir, load_models
+    from quantized_models.model_dir import load_models
 
-    check_model_dir(args.model_dir)
     if args.backend == "onnx" and args.onnx_dir is None:
         raise ValueError("--backend onnx needs --onnx-dir (write it with `freeze-omni export-onnx`)")
     device, dtype = _pick_device_and_dtype(args.device, args.dtype)
