@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from training.cli import add_train_parsers, run_train
+
 EXIT_BAD_INPUT = 2
 OUTPUT_RATE_HZ = 24_000  # the codec's rate; checked against the loaded model
 INPUT_RATE_HZ = 16_000  # the speech encoder's rate (Kaldi fbank at 16 kHz)
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_bench(sub)
     _add_run(sub)
+    add_train_parsers(sub)
     return parser
 
 
@@ -247,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_devices()
         if args.command == "export-onnx":
             return run_export(args)
+        if args.command == "train":
+            return run_train(args)
         if args.command == "bench":
             from assistant.bench import run_bench
 

