@@ -118,8 +118,8 @@ FULL = DataSize(
                                  noise_events=15),
             "test": SplitCounts(statements=200, questions=300, pause_questions=60, nonqueries=160,
                                 noise_events=30)},
-    texts=TextCounts(template_questions=700, template_statements=1600, llm_questions=700,
-                     llm_statements=800),
+    texts=TextCounts(template_questions=700, template_statements=1800, llm_questions=600,
+                     llm_statements=600),
     voices=VoiceSettings(piper_share=0.25),
 )
 
