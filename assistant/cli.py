@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from assistant.config_cli import add_config_parser, run_config
 from training.cli import add_train_parsers, run_train
 
 EXIT_BAD_INPUT = 2
@@ -65,9 +66,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     _add_device_args(p)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, required=True, help="Freeze-Omni checkpoint directory")
-    p.add_argument("--llm-dir", type=Path, required=True, help="local Hugging Face LLM directory")
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model-dir", type=Path, required=required, help="Freeze-Omni checkpoint directory")
+    p.add_argument("--llm-dir", type=Path, required=required, help="local Hugging Face LLM directory")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
     p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
@@ -81,7 +82,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     from assistant.run_daemon import add_run_arguments
 
     p = sub.add_parser("run", help="the full-duplex assistant on the local microphone and speaker")
-    _add_model_args(p)
+    _add_model_args(p, required=False)  # `run` may take them from the config files instead
     add_run_arguments(p)
     sub.add_parser("devices", help="list audio devices (choose them by name substring)")
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_run(sub)
     add_train_parsers(sub)
+    add_config_parser(sub)
     return parser
 
 
@@ -190,16 +192,33 @@ def _load_for_dialogue(args: argparse.Namespace):
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from assistant.run_daemon import EXIT_NO_AUDIO_DEVICE, check_devices, run_daemon, settings_from_args
+    from assistant.config import ConfigError
+    from assistant.config_cli import print_problems
+    from assistant.observability import configure_logging
+    from assistant.run_daemon import EXIT_NO_AUDIO_DEVICE, check_devices, load_run_config, run_daemon
+    from assistant.sd_notify import under_systemd
     from audio_io.devices import NoAudioDeviceError
 
-    settings = settings_from_args(args)
     try:
-        check_devices(settings)
+        config = load_run_config(args).config
+    except ConfigError as err:
+        print_problems(err)
+        return EXIT_BAD_INPUT
+    configure_logging(logging.DEBUG if args.debug else config.observability.log_level.upper(), under_systemd())
+    try:
+        check_devices(config.daemon_settings())
     except NoAudioDeviceError as err:
         print(f"freeze-omni: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_NO_AUDIO_DEVICE
-    return run_daemon(_load_for_dialogue(args), settings, seed=args.seed)
+
+    def load(config):
+        models = config.models
+        return _load_for_dialogue(argparse.Namespace(
+            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
+            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
+            quantization=models.quantization, device=models.device, dtype=models.dtype))
+
+    return run_daemon(config, load, reload_config=lambda: load_run_config(args).config, debug_logging=args.debug)
 
 
 def run_devices() -> int:
@@ -248,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_run(args)
         if args.command == "devices":
             return run_devices()
+        if args.command == "config":
+            return run_config(args)
         if args.command == "export-onnx":
             return run_export(args)
         if args.command == "train":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from assistant.dialogue import TurnEnd
 
@@ -30,6 +31,8 @@ class VadSettings:
     """Silence needed before a VAD stop (hysteresis)."""
     preroll_ms: int = 480
     """Audio before the VAD start that is fed to the model too (rounded up to 160 ms chunks)."""
+    min_level_dbfs: float = -60.0
+    """Quieter frames are never speech (webrtcvad alone hears speech in −70 dBFS echo residue)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class EchoSettings:
 @dataclass(frozen=True)
 class DialogueSettings:
     turn_end: TurnEnd = TurnEnd.MODEL
+    """What ends a user turn: `model` (the state head decides) or `vad` (the VAD stop)."""
     respond_probability: float = 0.5
     """State-head probability above which the user is answered."""
     ignore_probability: float = 0.5
@@ -53,7 +57,9 @@ class DialogueSettings:
     """`turn_end: model`: a turn still undecided this long after VAD stop is closed unanswered;
     `turn_end: vad`: the VAD stop itself ends the turn."""
     max_answer_tokens: int = 500
+    """Longest answer, in text tokens."""
     max_speech_tokens_per_segment: int = 1000
+    """Codec tokens one text segment may take at most (a runaway speech decoder is cut)."""
     idle_timeout_s: float = 600.0
     """The dialogue history is forgotten after this long without speech."""
     playback_lead_s: float = 0.6
@@ -74,18 +80,50 @@ class DaemonSettings:
     """JSON-lines file receiving one record per turn (latencies), or None."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.vad.frame_ms not in (10, 20, 30):
-            problems.append(f"vad.frame_ms={self.vad.frame_ms}: webrtcvad takes 10, 20 or 30")
-        if not 0 <= self.vad.aggressiveness <= 3:
-            problems.append(f"vad.aggressiveness={self.vad.aggressiveness}: use 0..3")
-        for name in ("respond_probability", "ignore_probability"):
-            value = getattr(self.dialogue, name)
-            if not 0.0 <= value <= 1.0:
-                problems.append(f"dialogue.{name}={value}: use a probability in [0, 1]")
-        if self.dialogue.playback_lead_s <= 0 or self.dialogue.max_answer_steps_per_tick < 1:
-            problems.append("dialogue.playback_lead_s must be > 0 and max_answer_steps_per_tick >= 1")
-        if self.dialogue.turn_end is TurnEnd.FILE:
-            problems.append("dialogue.turn_end=file is for `freeze-omni respond`; use model or vad")
+        problems = settings_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("; ".join(f"{key}={_shown(self, key)}: {message}" for key, message in problems))
+
+
+def settings_problems(settings: DaemonSettings) -> list[tuple[str, str]]:
+    """Every (key, what is wrong and how to fix it) in `settings`; empty when they are usable.
+
+    Keys name the dataclass path (`vad.frame_ms`); `assistant.config` reports them against the
+    file or variable the value came from.
+    """
+    problems = []
+    vad, dialogue = settings.vad, settings.dialogue
+    if vad.frame_ms not in (10, 20, 30):
+        problems.append(("vad.frame_ms", "webrtcvad takes 10, 20 or 30"))
+    if not 0 <= vad.aggressiveness <= 3:
+        problems.append(("vad.aggressiveness", "use 0..3"))
+    for name in ("respond_probability", "ignore_probability"):
+        if not 0.0 <= getattr(dialogue, name) <= 1.0:
+            problems.append((f"dialogue.{name}", "use a probability in [0, 1]"))
+    if dialogue.playback_lead_s <= 0:
+        problems.append(("dialogue.playback_lead_s", "must be > 0"))
+    if dialogue.max_answer_steps_per_tick < 1:
+        problems.append(("dialogue.max_answer_steps_per_tick", "must be >= 1"))
+    if dialogue.turn_end is TurnEnd.FILE:
+        problems.append(("dialogue.turn_end", "file is for `freeze-omni respond`; use model or vad"))
+    if not 1 <= settings.audio.block_ms <= 200:
+        problems.append(("audio.block_ms", "use 1..200 ms"))
+    for section in ("audio", "vad", "echo", "dialogue"):
+        problems += _negative_amounts(section, getattr(settings, section))
+    return problems
+
+
+def _negative_amounts(section: str, values: object) -> list[tuple[str, str]]:
+    """Durations and counts (fields named *_ms, *_s, *_tokens...) are never negative."""
+    problems = []
+    for name, value in vars(values).items():
+        if name.endswith(("_ms", "_s", "_tokens", "_segment")) and isinstance(value, (int, float)) \
+                and value < 0:
+            problems.append((f"{section}.{name}", "must not be negative"))
+    return problems
+
+
+def _shown(settings: DaemonSettings, key: str) -> object:
+    section, name = key.split(".")
+    value = getattr(getattr(settings, section), name)
+    return value.value if isinstance(value, Enum) else value

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from assistant.config import AssistantConfig, ConfigError, LoadedConfig, Problem, Setting, load_config, \
+    parse_assignments
 from assistant.conversation import Conversation
 from assistant.daemon import Daemon
 from assistant.daemon_config import DaemonSettings, EchoSettings, TurnEnd
@@ -20,6 +21,8 @@ from quantized_models.sampling import TextSamplingConfig
 logger = logging.getLogger(__name__)
 
 EXIT_NO_AUDIO_DEVICE = 69  # EX_UNAVAILABLE: a service it needs is not there
+MODEL_INPUT_RATE_HZ = 16_000
+MODEL_CHUNK_S = 0.16  # one listen step
 
 
 class VadChunkGate:
@@ -65,13 +68,51 @@ def engine_options(settings: DaemonSettings, server_settings: dict) -> EngineOpt
     )
 
 
+RUN_FLAGS = {  # argparse dest → (config key, flag as the user wrote it)
+    "input_device": ("audio.input_device", "--input-device"),
+    "output_device": ("audio.output_device", "--output-device"),
+    "turn_end": ("dialogue.turn_end", "--turn-end"),
+    "aec_enabled": ("aec.aec_enabled", "--no-aec"),
+    "vad_aggressiveness": ("vad.aggressiveness", "--vad-aggressiveness"),
+    "events": ("observability.events_path", "--events"),
+    "model_dir": ("models.model_dir", "--model-dir"),
+    "llm_dir": ("models.llm_dir", "--llm-dir"),
+    "backend": ("models.backend", "--backend"),
+    "onnx_dir": ("models.onnx_dir", "--onnx-dir"),
+    "quantization": ("models.quantization", "--quantization"),
+    "device": ("models.device", "--device"),
+    "dtype": ("models.dtype", "--dtype"),
+    "seed": ("models.seed", "--seed"),
+}
+
+
+def flag_layer(args: argparse.Namespace) -> tuple[list[Setting], list[Problem]]:
+    """The command-line layer: flags the user gave (None: not given), then every --set."""
+    settings = []
+    for dest, (key, flag) in RUN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            settings.append(Setting(key, str(value) if isinstance(value, Path) else value, flag))
+    assigned, problems = parse_assignments(getattr(args, "set", None) or [])
+    return settings + assigned, problems
+
+
+def load_run_config(args: argparse.Namespace, check_paths: bool = True) -> LoadedConfig:
+    """Every configuration layer for `freeze-omni run`; raises ConfigError listing all problems."""
+    flags, problems = flag_layer(args)
+    if problems:
+        raise ConfigError(problems)
+    loaded = load_config(getattr(args, "config", None), cli=flags, check_paths=check_paths)
+    missing = [Problem("configuration", key, f"not set: pass {flag} or set {key} in a config file")
+               for key, flag in (("models.model_dir", "--model-dir"), ("models.llm_dir", "--llm-dir"))
+               if getattr(loaded.config.models, key.split(".")[1]) is None]
+    if missing:
+        raise ConfigError(missing)
+    return loaded
+
+
 def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
-    base = DaemonSettings()
-    audio = replace(base.audio, input_device=args.input_device, output_device=args.output_device)
-    echo = replace(base.echo, aec_enabled=not args.no_aec)
-    dialogue = replace(base.dialogue, turn_end=TurnEnd(args.turn_end))
-    vad = replace(base.vad, aggressiveness=args.vad_aggressiveness)
-    return DaemonSettings(audio=audio, vad=vad, echo=echo, dialogue=dialogue, events_path=args.events)
+    return load_run_config(args, check_paths=False).config.daemon_settings()
 
 
 def _echo_canceller(echo: EchoSettings) -> Any:
@@ -110,38 +151,118 @@ def check_devices(settings: DaemonSettings) -> None:
     find_device(settings.audio.output_device, "output")
 
 
-def run_daemon(models: Any, settings: DaemonSettings, seed: int | None = None) -> int:
-    """Run until SIGINT/SIGTERM; returns the process exit status."""
+def run_daemon(config: AssistantConfig, load_models: Callable[[AssistantConfig], Any],
+               reload_config: Callable[[], AssistantConfig] | None = None, debug_logging: bool = False) -> int:
+    """Load, warm up, serve until SIGTERM/SIGINT (SIGHUP reloads); returns the process exit status.
+
+    Args:
+        config: the merged configuration.
+        load_models: loads the model stack that `config.models` names.
+        reload_config: re-reads every layer (SIGHUP); None: SIGHUP only logs.
+        debug_logging: `--debug` was given.
+    """
+    from assistant.observability import Health, Metrics
+    from assistant.sd_notify import Notifier
+    from assistant.telemetry import Telemetry
     from audio_io.devices import NoAudioDeviceError
 
+    notifier, health = Notifier(), Health()
+    telemetry = Telemetry(Metrics(), _recorder(config))
+    endpoint = _start_endpoint(config, telemetry, health)
     try:
-        audio = open_audio(settings)
-    except NoAudioDeviceError as err:
-        logger.error("%s", err)
-        return EXIT_NO_AUDIO_DEVICE
-    engine = Engine(models, engine_options(settings, models.server_settings))
-    daemon = Daemon(Conversation(engine, seed=seed), audio, build_vad(settings),
-                    DeviceEchoPolicy(audio, settings.echo.aec_enabled), settings)
-    stop = {"requested": False}
-
-    def request_stop(signum: int, _frame: object) -> None:
-        logger.info("signal %d: stopping", signum)
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    logger.info("listening (input %r, output %r)", settings.audio.input_device, settings.audio.output_device)
-    try:
-        daemon.run(lambda: stop["requested"])
+        notifier.status("loading models")
+        conversation = _warm_conversation(config, load_models, telemetry, notifier)
+        try:
+            audio = open_audio(config.daemon_settings())
+        except NoAudioDeviceError as err:
+            logger.error("%s", err)
+            return EXIT_NO_AUDIO_DEVICE
+        try:
+            return _serve(config, conversation, audio, notifier, health, telemetry, reload_config, debug_logging)
+        finally:
+            audio.close()
     finally:
-        audio.close()
+        if endpoint is not None:
+            endpoint.close()
+        notifier.close()
+
+
+def _serve(config: AssistantConfig, conversation: Conversation, audio: Any, notifier: Any, health: Any,
+           telemetry: Any, reload_config: Callable[[], AssistantConfig] | None, debug_logging: bool) -> int:
+    from assistant.service import ServiceLoop
+
+    settings = config.daemon_settings()
+    daemon = Daemon(conversation, audio, build_vad(settings), DeviceEchoPolicy(audio, settings.echo.aec_enabled),
+                    settings)
+    telemetry.daemon_collector(daemon, audio)
+    service = ServiceLoop(daemon, config, notifier, health, telemetry, reload_config, debug_logging)
+    service.install_signal_handlers()
+    health.set("ready")
+    notifier.ready("listening")
+    logger.info("listening (input %r, output %r)", settings.audio.input_device, settings.audio.output_device)
+    daemon.run(service.should_stop)
+    service.finish()
+    logger.info("stopped")
     return 0
 
 
+def _warm_conversation(config: AssistantConfig, load_models: Callable[[AssistantConfig], Any],
+                       telemetry: Any, notifier: Any) -> Conversation:
+    """Load the models and run the first steps once, so the first user turn is not the slow one."""
+    import torch
+
+    from assistant.progress import Progress
+    from assistant.telemetry import InstrumentedEngine
+
+    if config.scheduler.torch_threads:
+        torch.set_num_threads(config.scheduler.torch_threads)
+    with Progress(2, "starting", on_step=notifier.status) as progress:
+        progress.step("loading models")
+        models = load_models(config)
+        progress.advance()
+        progress.step("warming up")
+        options = engine_options(config.daemon_settings(), models.server_settings)
+        warm = Engine(models, options)  # not instrumented: warm-up is no session and no turn
+        state = warm.prefill_system(warm.new_session(0))
+        silence = torch.zeros(int(MODEL_INPUT_RATE_HZ * MODEL_CHUNK_S))
+        for _ in range(config.scheduler.warmup_chunks):
+            _, state = warm.listen_chunk(state, silence, follow_decision=False)
+        conversation = Conversation(InstrumentedEngine(models, options, telemetry), seed=config.models.seed)
+        progress.advance()
+    return conversation
+
+
+def _recorder(config: AssistantConfig) -> Any:
+    from assistant.debug_recording import DebugRecorder
+
+    directory = config.observability.debug_recording_dir
+    if directory is None:
+        return None
+    dialogue = config.dialogue
+    return DebugRecorder(Path(directory).expanduser(), (dialogue.respond_probability, dialogue.ignore_probability))
+
+
+def _start_endpoint(config: AssistantConfig, telemetry: Any, health: Any) -> Any:
+    from assistant.observability import HttpEndpoint
+
+    if not config.server.http_enabled:
+        return None
+    return HttpEndpoint(telemetry.metrics, health, config.server.http_host, config.server.http_port).start()
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """`run`'s own flags; every default is None so that only given flags override the config."""
+    from assistant.config_cli import add_layer_flags
+
     p.add_argument("--input-device", default=None, help="substring of the microphone's name")
     p.add_argument("--output-device", default=None, help="substring of the speaker's name")
-    p.add_argument("--turn-end", choices=[TurnEnd.MODEL.value, TurnEnd.VAD.value], default=TurnEnd.MODEL.value)
-    p.add_argument("--no-aec", action="store_true", help="half duplex: mute the microphone while speaking")
-    p.add_argument("--vad-aggressiveness", type=int, default=2, choices=range(4))
+    p.add_argument("--turn-end", choices=[TurnEnd.MODEL.value, TurnEnd.VAD.value], default=None,
+                   help="model: the state head ends the turn (default); vad: silence does")
+    p.add_argument("--no-aec", dest="aec_enabled", action="store_const", const=False, default=None,
+                   help="half duplex: mute the microphone while speaking")
+    p.add_argument("--vad-aggressiveness", type=int, default=None, choices=range(4))
     p.add_argument("--events", default=None, help="append one JSON line per answered turn here")
+    add_layer_flags(p)
+    # the model flags are shared with `respond`, where they have defaults; here the config has them
+    p.set_defaults(model_dir=None, llm_dir=None, backend=None, onnx_dir=None, quantization=None, seed=None,
+                   device=None, dtype=None)
