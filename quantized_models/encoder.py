@@ -452,6 +452,27 @@ class SpeechEncoder(nn.Module):
             x = block.full(x, pos_emb, positions, visible)
         return transformer.after_norm(x).reshape(n, self.dims.chunk_frames, -1)  # [N, 4, D]
 
+    def forward_masked(self, chunks: Tensor, positions: Tensor, visible: Tensor) -> Tensor:
+        """Encode a padded batch of streams under any chunk mask (training, dynamic chunks).
+
+        Args:
+            chunks: [B, N, 19, n_mels] feature chunks, N per stream (padded at the end).
+            positions: [T, T] long sinusoid row of each (query, key), T = N * chunk_frames.
+            visible: [T, T] or [B, 1, T, T] bool attention mask.
+
+        Returns:
+            [B, T, D]; with `offline_positions(N)` each row equals `forward_full` of its stream.
+        """
+        b, n = chunks.shape[:2]
+        transformer = self.enc[1]
+        x = self._embed(self.subsample(chunks.flatten(0, 1)))  # [B * N, 4, D]
+        x = x.reshape(b, n * self.dims.chunk_frames, self.dims.model_dim)  # [B, T, D]
+        table_rows = torch.arange(int(positions.max()) + 1, device=x.device)
+        pos_emb = sinusoid_table(table_rows, self.dims.model_dim).to(x.dtype)  # [P, D]
+        for block in transformer.encoders:
+            x = block.full(x, pos_emb, positions, visible)
+        return transformer.after_norm(x)
+
     def forward(self, chunks: Tensor) -> Tensor:
         """Alias of `forward_full`."""
         return self.forward_full(chunks)

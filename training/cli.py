@@ -48,6 +48,11 @@ STEP_PARSERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"data":
 TRAIN_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"data": run_data}
 """Step name → handler returning the exit status."""
 
+from training.stages_cli import STAGE_HANDLERS, STAGE_PARSERS  # noqa: E402  (stage1..3, export)
+
+STEP_PARSERS.update(STAGE_PARSERS)
+TRAIN_HANDLERS.update(STAGE_HANDLERS)
+
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `train` and one subparser per registered step to the main CLI's subparsers."""

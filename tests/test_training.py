@@ -1,0 +1,215 @@
+"""Training stages on a tiny synthetic data set and the fixture's tiny LLM (seconds, CPU).
+
+One module-scoped chain runs stage 1 -> 2 -> 3 -> export; the tests read its outputs. The
+key parity test checks that the state logits of the training forward equal the probabilities
+the engine's streaming `listen_chunk` computes for the same weights.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_step
+from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, weights_checksum
+from training.data.manifest import ManifestEntry, write_manifest
+from training.features import ChunkLabel, CharVocab, chunk_labels, load_wav, utterance_chunks
+from training.model_config import EncoderGeometry, build_encoder, encoder_train_yaml, load_result
+from training.stage1_encoder import Stage1Config, chunk_mask, train_stage1
+from training.stage2_connect import Stage2Config, train_stage2
+from training.stage3_dialogue import Stage3Config, chunk_state_logits, train_stage3
+
+WORDS = ["hello", "what", "time", "is", "it", "please", "stop", "music"]
+TINY_GEOMETRY = EncoderGeometry(model_dim=32, attention_heads=2, linear_units=64, num_blocks=2)
+
+
+def _loop(steps: int, lr: float = 3e-3) -> LoopConfig:
+    return LoopConfig(steps=steps, lr=lr, warmup_steps=1, log_every_steps=1, checkpoint_every_steps=5)
+
+
+def write_tiny_data(root: Path, n: int = 12) -> Path:
+    """Tone-and-noise wavs with texts, answers and one pause, in the data helper's layout."""
+    rng = np.random.default_rng(0)
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        kind = ("statement", "question", "nonquery")[i % 3]
+        samples = int(16_000 * rng.uniform(0.9, 2.2))
+        t = np.arange(samples) / 16_000
+        wave = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * t) + 0.01 * rng.standard_normal(samples)
+        pauses = [[samples // 3, samples // 2]] if i == 1 else []
+        for start, end in pauses:
+            wave[start:end] = 0.0
+        soundfile.write(root / f"wav/u{i}.wav", wave.astype(np.float32), 16_000, subtype="PCM_16")
+        entries.append(ManifestEntry(
+            id=f"u{i}", split="train" if i < n - 3 else "test", voice="espeak:en", kind=kind,
+            text=" ".join(rng.choice(WORDS, 3)), answer="It is noon." if kind == "question" else None,
+            wav=f"wav/u{i}.wav", num_samples=samples, pause_spans=pauses, seed=i))
+    write_manifest(root, entries)
+    return root
+
+
+def _losses(run_dir: Path, column: str) -> list[float]:
+    with (run_dir / "loss.csv").open() as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_dir: Path) -> dict:
+    """Stage 1 -> 2 -> 3 -> export on the tiny data, with LLM checksums around stages 2 and 3."""
+    from training.export import export_model_dir
+    from training.llm_sequence import load_frozen_llm
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("training")
+    data = write_tiny_data(root / "data")
+    llm_dir = tiny_dir / "llm"
+    before = weights_checksum(load_frozen_llm(llm_dir)[0])
+    train_stage1(data, root / "run1", Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(12), batch_utterances=4))
+    train_stage2(root / "run1", data, llm_dir, root / "run2", Stage2Config(loop=_loop(10)))
+    train_stage3(root / "run2", data, llm_dir, root / "run3", Stage3Config(loop=_loop(10, 1e-2)))
+    model_dir = export_model_dir(root / "run3", root / "model", speech_from=tiny_dir / "checkpoints")
+    after = weights_checksum(load_frozen_llm(llm_dir)[0])
+    return {"root": root, "data": data, "llm_dir": llm_dir, "model_dir": model_dir,
+            "llm_before": before, "llm_after": after}
+
+
+def test_chunks_equal_the_streaming_front_end() -> None:
+    x = np.random.default_rng(1).standard_normal(3 * CHUNK_SAMPLES + 700).astype(np.float32) * 0.1
+    offline = utterance_chunks(x)
+    cache, padded = FrontendCache.zeros(80), np.pad(x, (0, 4 * CHUNK_SAMPLES - x.shape[0]))
+    streamed = [frontend_step(torch.from_numpy(padded[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES]), cache)[0]
+                for k in range(4)]
+    torch.testing.assert_close(offline, torch.cat(streamed), rtol=0, atol=1e-5)
+
+
+def test_masked_batch_encoder_equals_streaming_steps() -> None:
+    from quantized_models.encoder import EncoderCache
+
+    torch.manual_seed(0)
+    encoder = build_encoder(encoder_train_yaml(TINY_GEOMETRY, 10)).eval()
+    chunks = torch.randn(2, 20, 19, 80)  # 20 chunks: past the 17-chunk position lag
+    positions, visible = encoder.offline_positions(20, torch.device("cpu"))
+    batched = encoder.forward_masked(chunks, positions, visible)  # [2, 80, D]
+    cache = EncoderCache()
+    steps = torch.cat([encoder.step(chunks[1, k:k + 1], cache)[0] for k in range(20)], dim=1)
+    torch.testing.assert_close(batched[1:2], steps, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_mask_is_chunk_causal_with_left_context() -> None:
+    _, visible = chunk_mask(12, 4, left_chunks=1)
+    assert visible[0, :4].all() and not visible[0, 4:].any()
+    assert visible[11, 4:].all() and not visible[11, :4].any()  # 2 chunks back is out of reach
+
+
+def test_chunk_labels_mark_only_the_end() -> None:
+    entry = ManifestEntry(id="q", split="train", voice="v", kind="question", text="what time is it",
+                          answer="Noon.", wav="q.wav", num_samples=5 * CHUNK_SAMPLES + 10,
+                          pause_spans=[[CHUNK_SAMPLES, 3 * CHUNK_SAMPLES]])
+    assert chunk_labels(entry) == [0, 0, 0, 0, 0, ChunkLabel.RESPOND]  # pause chunks 1-2 stay 0
+    assert chunk_labels(entry, tail_chunks=2)[-3:] == [1, 1, 1]
+    other = replace(entry, kind="nonquery", answer=None, pause_spans=[])
+    assert chunk_labels(other) == [0] * 5 + [ChunkLabel.IGNORE]
+    with pytest.raises(ValueError, match="no state label"):
+        chunk_labels(replace(other, kind="statement"))
+
+
+def test_char_vocab_round_trip_and_greedy() -> None:
+    vocab = CharVocab()
+    assert vocab.decode(vocab.encode("What's  the TIME?")) == "what's the time"
+    ids = vocab.encode("aab")
+    assert vocab.greedy([ids[0], ids[0], 0, ids[1], ids[2], ids[2]]) == "aab"
+
+
+@pytest.mark.parametrize("run,column", [
+    pytest.param("run1", "ctc_loss", id="stage1"),
+    pytest.param("run2", "text_loss", id="stage2"),
+    pytest.param("run3", "loss", id="stage3"),
+])
+def test_each_stage_loss_decreases(chain: dict, run: str, column: str) -> None:
+    losses = _losses(chain["root"] / run, column)
+    assert len(losses) >= 10
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert (chain["root"] / run / "loss.png").is_file()
+
+
+def test_llm_stays_bit_identical(chain: dict) -> None:
+    assert chain["llm_before"] == chain["llm_after"]
+
+
+def test_stage3_leaves_encoder_and_adapter_alone(chain: dict) -> None:
+    two, three = load_result(chain["root"] / "run2"), load_result(chain["root"] / "run3")
+    for key, value in two["state"].items():
+        changed = not torch.equal(value, three["state"][key])
+        assert changed == key.startswith(("prompt_embeddings", "predictor_head")), key
+
+
+def test_frozen_check_catches_changes(tiny_dir: Path) -> None:
+    from training.llm_sequence import load_frozen_llm
+
+    llm = load_frozen_llm(tiny_dir / "llm")[0]
+    checksum = assert_frozen(llm)
+    with torch.no_grad():
+        next(llm.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(FrozenLlmChangedError, match="changed"):
+        assert_frozen(llm, checksum)
+    next(llm.parameters()).requires_grad_(True)
+    with pytest.raises(FrozenLlmChangedError, match="trainable"):
+        assert_frozen(llm)
+
+
+def test_export_round_trips_through_the_strict_loader(chain: dict) -> None:
+    from quantized_models.model_dir import load_models
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    state = load_result(chain["root"] / "run3")["state"]
+    torch.testing.assert_close(models.encoder.state_dict()["enc.1.after_norm.weight"],
+                               state["encoder.enc.1.after_norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(models.llm.heads.prompt_embeddings.weight, state["prompt_embeddings.weight"],
+                               rtol=0, atol=0)
+
+
+def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:
+    from assistant.engine import Engine, EngineOptions
+    from quantized_models.llm import ChatLayout
+    from quantized_models.model_dir import load_models
+    from training.llm_sequence import TurnLayout, load_frozen_llm
+    from training.model_config import AudioLlmParts
+
+    result = load_result(chain["root"] / "run3")
+    parts = AudioLlmParts.build(result["train_yaml"], result["cmvn"])
+    parts.load_released(result["state"])
+    causal_lm, tokenizer = load_frozen_llm(chain["llm_dir"])
+    layout = ChatLayout.from_template(result["train_yaml"]["model_conf"]["chat_template"], tokenizer)
+    samples = load_wav(chain["data"] / "wav/u1.wav")  # the question with a pause
+    with torch.no_grad():
+        logits = chunk_state_logits(parts, TurnLayout(causal_lm, tokenizer, layout), utterance_chunks(samples))
+    trained = torch.softmax(logits[:, :3], dim=-1)
+
+    engine = Engine(load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32),
+                    EngineOptions())
+    state = engine.prefill_system(engine.new_session(seed=0))
+    padded = np.pad(samples, (0, logits.shape[0] * CHUNK_SAMPLES - samples.shape[0]))
+    streamed = []
+    for k in range(logits.shape[0]):
+        listened, state = engine.listen_chunk(
+            state, torch.from_numpy(padded[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES]), follow_decision=False)
+        streamed.append(listened.probs)
+    torch.testing.assert_close(trained, torch.tensor(streamed), rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+    data = write_tiny_data(tmp_path / "data")
+    config = Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(6), batch_utterances=4, valid_limit=0)
+    train_stage1(data, tmp_path / "straight", config)
+    train_stage1(data, tmp_path / "resumed", replace(config, loop=replace(config.loop, stop_at_step=3)))
+    assert not (tmp_path / "resumed" / "result.pt").exists()
+    train_stage1(data, tmp_path / "resumed", config)
+    a, b = load_result(tmp_path / "straight")["state"], load_result(tmp_path / "resumed")["state"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -1,0 +1,155 @@
+"""Utterances as the engine sees them: 160 ms feature chunks, chunk labels, CMVN, characters.
+
+`utterance_chunks` computes in one pass exactly the 19-row chunks that the engine's streaming
+front end (`frontend_step` from a fresh cache) produces chunk by chunk, so every stage trains
+on the features it will be served.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from torch import Tensor
+
+from quantized_models.frontend import (
+    CARRY_SAMPLES,
+    CHUNK_FEATURE_ROWS,
+    CHUNK_NEW_FRAMES,
+    CHUNK_OVERLAP_FRAMES,
+    CHUNK_SAMPLES,
+    INT16_SCALE,
+    SAMPLE_RATE_HZ,
+    kaldi_fbank,
+)
+from training.data.manifest import ManifestEntry, read_manifest
+
+N_MELS = 80  # the released front end's mel bins (train.yaml input_dim)
+
+
+class ChunkLabel(IntEnum):
+    """State-head target of one chunk (spec §5; the engine's StateLabel order)."""
+
+    CONTINUE = 0
+    RESPOND = 1
+    IGNORE = 2
+
+
+def load_wav(path: Path) -> np.ndarray:
+    """[S] float32 samples in ±1 of a 16 kHz mono wav."""
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    if rate != SAMPLE_RATE_HZ:
+        raise ValueError(f"{path}: {rate} Hz; the training data must be {SAMPLE_RATE_HZ} Hz")
+    return samples.mean(axis=1)
+
+
+def n_chunks(num_samples: int) -> int:
+    """160 ms chunks an utterance occupies (the last one zero-padded)."""
+    return max(1, -(-num_samples // CHUNK_SAMPLES))
+
+
+def utterance_chunks(samples: np.ndarray | Tensor, n_mels: int = N_MELS) -> Tensor:
+    """Feature chunks of a fresh stream, equal to successive `frontend_step` calls.
+
+    Args:
+        samples: [S] waveform in ±1 (zero-padded here to whole chunks).
+        n_mels: mel bins.
+
+    Returns:
+        [N, 19, n_mels] float32, N = n_chunks(S).
+    """
+    x = torch.as_tensor(samples, dtype=torch.float32)
+    n = n_chunks(x.shape[0])
+    # The streaming front end starts with CARRY_SAMPLES zero samples and 3 zero feature rows.
+    padded = torch.zeros(CARRY_SAMPLES + n * CHUNK_SAMPLES)
+    padded[CARRY_SAMPLES:CARRY_SAMPLES + x.shape[0]] = x
+    rows = kaldi_fbank(padded * INT16_SCALE, n_mels)  # [16 N, M]
+    rows = torch.cat([torch.zeros(CHUNK_OVERLAP_FRAMES, n_mels), rows])  # [16 N + 3, M]
+    chunks = rows.unfold(0, CHUNK_FEATURE_ROWS, CHUNK_NEW_FRAMES)  # [N, M, 19]
+    return chunks.transpose(1, 2).contiguous()  # [N, 19, M]
+
+
+def chunk_labels(entry: ManifestEntry, tail_chunks: int = 0) -> list[int]:
+    """Per-chunk state targets: 0 everywhere, the utterance's last chunk 1 (question) or 2.
+
+    Mid-utterance pauses stay 0. `tail_chunks` silent chunks appended after the utterance
+    (see `with_tail`) carry the end label too, so a model that decides one chunk late is
+    still taught the right answer. Statements are not dialogue turns and get no end label.
+    """
+    end = {"question": ChunkLabel.RESPOND, "nonquery": ChunkLabel.IGNORE}.get(entry.kind)
+    if end is None:
+        raise ValueError(f"{entry.id}: kind {entry.kind!r} has no state label (question/nonquery only)")
+    labels = [int(ChunkLabel.CONTINUE)] * n_chunks(entry.num_samples)
+    labels[-1] = int(end)
+    return labels + [int(end)] * tail_chunks
+
+
+def with_tail(samples: np.ndarray, tail_chunks: int) -> np.ndarray:
+    """Pad to whole chunks and append `tail_chunks` chunks of silence."""
+    total = (n_chunks(samples.shape[0]) + tail_chunks) * CHUNK_SAMPLES
+    return np.pad(samples, (0, total - samples.shape[0]))
+
+
+@dataclass
+class Utterance:
+    """One manifest entry with its features loaded."""
+
+    entry: ManifestEntry
+    chunks: Tensor
+    """[N, 19, n_mels] raw log-mel chunks (CMVN is applied inside the encoder)."""
+
+
+def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
+                    limit: int | None = None, tail_chunks: int = 0) -> list[Utterance]:
+    """Features of every entry of `split` whose kind is in `kinds` (first `limit` ones)."""
+    entries = [e for e in read_manifest(data_dir, split) if e.kind in kinds]
+    if limit is not None:
+        entries = entries[:limit]
+    return [Utterance(e, utterance_chunks(with_tail(load_wav(data_dir / e.wav), tail_chunks)))
+            for e in entries]
+
+
+def cmvn_stats(utterances: list[Utterance]) -> dict[str, list[float] | float]:
+    """JSON `global_cmvn` statistics (sums over every fresh feature row of the utterances)."""
+    rows = torch.cat([u.chunks[:, CHUNK_OVERLAP_FRAMES:].reshape(-1, u.chunks.shape[-1])
+                      for u in utterances]).double()  # [F, M]
+    return {"mean_stat": rows.sum(0).tolist(), "var_stat": (rows * rows).sum(0).tolist(),
+            "frame_num": float(rows.shape[0])}
+
+
+def write_cmvn(stats: dict, path: Path) -> None:
+    path.write_text(json.dumps(stats))
+
+
+class CharVocab:
+    """CTC output symbols of stage 1: blank, space, apostrophe, a-z and digits."""
+
+    BLANK = 0
+    SYMBOLS = " '" + "abcdefghijklmnopqrstuvwxyz" + "0123456789"
+
+    def __init__(self) -> None:
+        self.index = {c: i + 1 for i, c in enumerate(self.SYMBOLS)}
+
+    def __len__(self) -> int:
+        return len(self.SYMBOLS) + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Lower-cased symbols of `text`; other characters dropped, spaces collapsed."""
+        words = "".join(c if c in self.index else " " for c in text.lower()).split()
+        return [self.index[c] for c in " ".join(words)]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.SYMBOLS[i - 1] for i in ids if i != self.BLANK)
+
+    def greedy(self, best: list[int]) -> str:
+        """CTC greedy decoding: collapse repeats, drop blanks."""
+        out, previous = [], None
+        for i in best:
+            if i != previous and i != self.BLANK:
+                out.append(i)
+            previous = i
+        return self.decode(out)

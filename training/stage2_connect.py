@@ -1,0 +1,136 @@
+"""Stage 2: connect the stage-1 encoder to the frozen LLM through the adapter.
+
+Encoder + adapter + the `transcribe` task embedding are trained so that the frozen LLM,
+given `<|im_end|>` + user prefix + task vector + the audio vectors + assistant suffix, writes
+the transcript (loss on the transcript tokens and the closing `<|im_end|>` only). The encoder
+runs under the deployed streaming mask, so the vectors are those the engine computes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from quantized_models.llm import ChatLayout
+from training.common import RESULT_NAME, LoopConfig, batch_rng, train_loop
+from training.features import Utterance, load_utterances
+from training.llm_sequence import VECTORS_PER_CHUNK, TurnItem, TurnLayout, load_frozen_llm
+from training.model_config import (
+    DEFAULT_ROLE,
+    TRANSCRIBE_TASK_ID,
+    AudioLlmParts,
+    load_result,
+    save_result,
+    with_llm,
+)
+from training.stage1_encoder import pad_chunks
+
+logger = logging.getLogger(__name__)
+
+TEXT_KINDS = ("statement", "question", "nonquery")
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage-2 settings."""
+
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1500, lr=5e-4, warmup_steps=100))
+    batch_utterances: int = 4
+    max_text_tokens: int = 48
+    """Transcripts are cut to this many tokens (no closing `<|im_end|>` then)."""
+    train_limit: int | None = None
+    valid_limit: int = 50
+
+
+def answer_role(data_dir: Path) -> str:
+    """The system role the data's answers were written under (meta.json), else the default."""
+    meta = data_dir / "meta.json"
+    if meta.is_file():
+        role = json.loads(meta.read_text()).get("answer_system_role")
+        if role:
+            return str(role)
+    return DEFAULT_ROLE
+
+
+def target_ids(tokenizer, text: str, end_id: int, limit: int) -> list[int]:
+    """Tokens of `text` plus `end_id`, or the first `limit` tokens without it when longer."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[:limit] if len(ids) > limit else [*ids, end_id]
+
+
+def init_like_tokens(weight: Tensor, table: Tensor, gen: torch.Generator) -> None:
+    """Start trained vectors as copies of random token embeddings (the LLM's input scale)."""
+    rows = torch.randint(0, table.shape[0], (weight.shape[0],), generator=gen)
+    with torch.no_grad():
+        weight.copy_(table[rows])
+
+
+def audio_vectors(parts: AudioLlmParts, utts: list[Utterance]) -> list[Tensor]:
+    """Per utterance [2 N, H] adapter vectors, as the engine's streaming steps compute them."""
+    chunks, counts = pad_chunks(utts)
+    positions, visible = parts.encoder.offline_positions(chunks.shape[1], chunks.device)
+    enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
+    vectors = parts.adapter.forward_full(enc)  # [B, 2 N, H]
+    return [vectors[i, : VECTORS_PER_CHUNK * int(n)] for i, n in enumerate(counts)]
+
+
+def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
+    """(parts, causal_lm, tokenizer, turns) with the stage-1 encoder and fresh LLM-side modules."""
+    previous = load_result(init)
+    causal_lm, tokenizer = load_frozen_llm(llm_dir)
+    cfg = previous["train_yaml"]
+    if "model_conf" not in cfg:
+        cfg = with_llm(cfg, int(causal_lm.config.hidden_size), answer_role(data_dir))
+    parts = AudioLlmParts.build(cfg, previous["cmvn"])
+    parts.load_released(previous["state"])
+    if previous["stage"] < 2:
+        gen = torch.Generator().manual_seed(seed)
+        table = causal_lm.get_input_embeddings().weight
+        init_like_tokens(parts.heads.task_embeddings.weight, table, gen)
+        init_like_tokens(parts.heads.prompt_embeddings.weight, table, gen)
+    layout = ChatLayout.from_template(cfg["model_conf"]["chat_template"], tokenizer)
+    return parts, previous, causal_lm, tokenizer, TurnLayout(causal_lm, tokenizer, layout)
+
+
+def transcribe_items(parts: AudioLlmParts, utts: list[Utterance], targets: list[list[int]]) -> list[TurnItem]:
+    lead = parts.heads.task_embeddings.weight[TRANSCRIBE_TASK_ID:TRANSCRIBE_TASK_ID + 1]  # [1, H]
+    return [TurnItem(audio=v, lead=lead, answer_ids=t) for v, t in zip(audio_vectors(parts, utts), targets)]
+
+
+def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: Stage2Config) -> dict:
+    """Train encoder + adapter + transcribe vector; writes `run_dir/result.pt`."""
+    torch.manual_seed(config.loop.seed)
+    parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed)
+    train = [u for u in load_utterances(data_dir, "train", TEXT_KINDS, config.train_limit) if u.entry.text]
+    train.sort(key=lambda u: u.chunks.shape[0])
+    end_id = turns.layout.end_of_turn_id
+    targets = [target_ids(tokenizer, u.entry.text, end_id, config.max_text_tokens) for u in train]
+    for param in parts.heads.parameters():
+        param.requires_grad_(False)
+    parts.heads.task_embeddings.weight.requires_grad_(True)  # only its `transcribe` row gets gradients
+    size = min(config.batch_utterances, len(train))
+    logger.info("stage 2: %d utterances, LLM width %d", len(train), causal_lm.config.hidden_size)
+
+    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
+        start = int(batch_rng(config.loop.seed, step).integers(0, len(train) - size + 1))
+        index = range(start, start + size)
+        batch = turns.lay_out(transcribe_items(parts, [train[i] for i in index], [targets[i] for i in index]))
+        loss = turns.token_loss(turns.hidden(batch), batch)
+        return loss, {"text_loss": loss.item()}
+
+    modules = {"encoder": parts.encoder, "adapter": parts.adapter, "heads": parts.heads}
+    result = train_loop(run_dir, modules, step_fn, config.loop, frozen=[causal_lm],
+                        title="stage 2: transcript loss")
+    summary = {"steps": result.step, "finished": result.finished, "seconds": round(result.seconds, 1),
+               "train_utterances": len(train),
+               "train_audio_s": round(sum(u.entry.num_samples for u in train) / 16000, 1)}
+    if result.finished:
+        summary["final_text_loss"] = round(result.last_metrics.get("text_loss", float("nan")), 4)
+        save_result(run_dir / RESULT_NAME, 2, parts, previous["cmvn"],
+                    {"config": asdict(config), "summary": summary})
+    logger.info("stage 2: %s", summary)
+    return summary

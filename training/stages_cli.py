@@ -1,0 +1,129 @@
+"""`freeze-omni train stage1|stage2|stage3|export`: argparse builders and handlers.
+
+Registered in `training.cli` (STEP_PARSERS / TRAIN_HANDLERS). Arguments only build the frozen
+stage configs; heavy imports happen inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from training.common import LoopConfig
+
+
+def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, loss.csv, result.pt)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=batch, help="utterances per step")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if the run directory has a checkpoint")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training utterances")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _loop(args: argparse.Namespace) -> LoopConfig:
+    return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                      checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
+                      seed=args.seed, resume=args.resume)
+
+
+def add_stage1(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("stage1", help="train the streaming encoder as chunk-wise CTC ASR")
+    p.add_argument("--data", type=Path, required=True, help="data directory with manifest.jsonl")
+    _add_loop_args(p, steps=3000, lr=1e-3, batch=16)
+    p.add_argument("--dim", type=int, default=256, help="encoder width")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--blocks", type=int, default=6)
+
+
+def add_stage2(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("stage2", help="train encoder + adapter so the frozen LLM transcribes")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--init", type=Path, required=True, help="stage-1 run directory (or its result.pt)")
+    p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
+    _add_loop_args(p, steps=1500, lr=5e-4, batch=4)
+
+
+def add_stage3(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("stage3", help="train prompt embeddings and the state head")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--init", type=Path, required=True, help="stage-2 run directory (or its result.pt)")
+    p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
+    _add_loop_args(p, steps=1000, lr=2e-3, batch=4)
+    p.add_argument("--tail-chunks", type=int, default=1, help="silent chunks after each turn, end-labelled")
+
+
+def add_export(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("export", help="write a stage-2/3 result as a model directory (released layout)")
+    p.add_argument("--init", type=Path, required=True, help="run directory (or result.pt) of stage 2 or 3")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--speech-from", type=Path, default=None,
+                   help="copy decoder/ and codec/ from this model directory (default: random placeholders)")
+
+
+def _setup(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _llm_dir(args: argparse.Namespace) -> Path:
+    if args.llm_dir is not None:
+        return args.llm_dir
+    from quantized_models.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def _report(summary: dict) -> int:
+    print(json.dumps(summary))
+    return 0
+
+
+def run_stage1(args: argparse.Namespace) -> int:
+    from training.model_config import EncoderGeometry
+    from training.stage1_encoder import Stage1Config, train_stage1
+
+    _setup(args)
+    config = Stage1Config(geometry=EncoderGeometry(args.dim, args.heads, args.ffn, args.blocks),
+                          loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit)
+    return _report(train_stage1(args.data, args.out, config))
+
+
+def run_stage2(args: argparse.Namespace) -> int:
+    from training.stage2_connect import Stage2Config, train_stage2
+
+    _setup(args)
+    config = Stage2Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit)
+    return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
+
+
+def run_stage3(args: argparse.Namespace) -> int:
+    from training.stage3_dialogue import Stage3Config, train_stage3
+
+    _setup(args)
+    config = Stage3Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit,
+                          tail_chunks=args.tail_chunks)
+    return _report(train_stage3(args.init, args.data, _llm_dir(args), args.out, config))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from training.export import export_model_dir
+
+    out = export_model_dir(args.init, args.out, speech_from=args.speech_from)
+    print(f"wrote {out}")
+    return 0
+
+
+STAGE_PARSERS = {"stage1": add_stage1, "stage2": add_stage2, "stage3": add_stage3, "export": add_export}
+"""Step name -> function adding its subparser (merged into `training.cli.STEP_PARSERS`)."""
+STAGE_HANDLERS = {"stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3, "export": run_export}
+"""Step name -> handler (merged into `training.cli.TRAIN_HANDLERS`)."""
