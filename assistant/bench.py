@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from assistant.engine import Engine, EngineOptions
+from assistant.progress import track
 from assistant.segmentation import Segment
 from quantized_models.adapter import AdapterCache
 from quantized_models.encoder import EncoderCache
@@ -184,8 +185,7 @@ def component_rows(configs: dict[str, FreezeOmniModels], sizes: BenchSizes) -> l
         Row("whole listen step (fbank → state head)", "160 ms chunk", {}, CHUNK_MS),
         Row("whole speech step (AR + codec windows)", "codec token (25 ms)", {}, 25.0),
     ]
-    for label, models in configs.items():
-        logger.info("measuring %s", label)
+    for label, models in track(configs.items(), "benchmark: components", name=lambda item: item[0]):
         rows[0].values_ms[label] = time_speech_input(models, sizes)
         rows[1].values_ms[label], rows[2].values_ms[label] = time_decoder(models, sizes)
         rows[3].values_ms[label] = time_codec(models, sizes)
@@ -198,7 +198,7 @@ def component_rows(configs: dict[str, FreezeOmniModels], sizes: BenchSizes) -> l
 def llm_rows(configs: dict[str, FreezeOmniModels], sizes: BenchSizes) -> list[Row]:
     rows = [Row("LLM listen step (2 vectors + state head)", "160 ms chunk", {}, CHUNK_MS),
             Row("LLM text token", "token", {})]
-    for label, models in configs.items():
+    for label, models in track(configs.items(), "benchmark: LLM", name=lambda item: item[0]):
         rows[0].values_ms[label], rows[1].values_ms[label] = time_llm(models, sizes)
     return rows
 

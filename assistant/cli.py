@@ -242,9 +242,17 @@ def run_export(args: argparse.Namespace) -> int:
     from quantized_models.model_dir import load_models
     from quantized_models.onnx_export import export_onnx
 
+    from assistant.progress import Progress
+
     device, dtype = _pick_device_and_dtype(args.device, args.dtype)
-    models = load_models(args.model_dir, args.llm_dir, device, dtype)
-    for path in export_onnx(models, args.out, model_dir=args.model_dir):
+    with Progress(2, "export-onnx") as progress:
+        progress.step("loading models")
+        models = load_models(args.model_dir, args.llm_dir, device, dtype)
+        progress.advance()
+        progress.step("tracing and checking graphs")
+        paths = export_onnx(models, args.out, model_dir=args.model_dir)
+        progress.advance()
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -140,7 +140,11 @@ class HttpEndpoint:
 
     def __init__(self, metrics: Metrics, health: Health, host: str = "127.0.0.1", port: int = 0) -> None:
         handler = _handler_class(metrics, health)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as err:
+            raise OSError(err.errno, f"server.http_port: cannot listen on {host}:{port} ({err.strerror}); "
+                                     "choose another port or set server.http_enabled: false") from err
         self._server.daemon_threads = True
         self.host, self.port = host, self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="freeze-omni-http", daemon=True)

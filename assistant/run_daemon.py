@@ -211,11 +211,15 @@ def _warm_conversation(config: AssistantConfig, load_models: Callable[[Assistant
     """Load the models and run the first steps once, so the first user turn is not the slow one."""
     import torch
 
-    from assistant.progress import Progress
+    from assistant.progress import Progress, wants_bar
     from assistant.telemetry import InstrumentedEngine
 
     if config.scheduler.torch_threads:
         torch.set_num_threads(config.scheduler.torch_threads)
+    if not wants_bar():  # transformers draws its own weight-loading bar: carriage returns in the journal
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     with Progress(2, "starting", on_step=notifier.status) as progress:
         progress.step("loading models")
         models = load_models(config)

@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 from assistant.config import LIVE_KEYS, AssistantConfig, ConfigError, changed_keys, with_live_values
@@ -179,9 +180,10 @@ class ServiceLoop:
             engine.options = dataclasses.replace(engine.options, thresholds=thresholds)
         if not self.debug_logging:
             logging.getLogger().setLevel(config.observability.log_level.upper())
-        directory = config.observability.debug_recording_dir
+        wanted = config.observability.debug_recording_dir
+        directory = None if wanted is None else Path(wanted).expanduser()
         recorder = self.telemetry.recorder
-        if recorder is not None and (directory is None or str(recorder.directory) != directory):
+        if recorder is not None and recorder.directory != directory:
             recorder.flush()
             self.telemetry.recorder = None
         if directory is not None and self.telemetry.recorder is None:
