@@ -3,7 +3,8 @@
 The process test starts `freeze-omni run` on the virtual PulseAudio card with a fake
 `NOTIFY_SOCKET` (a unix datagram socket the test binds), the HTTP endpoint on a free port
 and a 0.4 s watchdog, then checks READY=1, WATCHDOG=1 pings, /metrics after a spoken turn,
-/health while the microphone is unplugged and back, and STOPPING=1 with exit 0 on SIGTERM.
+RELOADING=1 on SIGHUP, /health while the microphone is unplugged and back, STOPPING=1 with
+exit 0 on SIGTERM, and the debug recording of the turn.
 """
 from __future__ import annotations
 
@@ -197,7 +198,10 @@ def test_daemon_as_a_notify_service(tmp_path, tiny_dir, listener):
     port = _free_port()
     env = {**os.environ, "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "400000", "INVOCATION_ID": "test",
            "FREEZE_OMNI_SERVER__HTTP_ENABLED": "true", "FREEZE_OMNI_SERVER__HTTP_PORT": str(port),
-           "FREEZE_OMNI_SERVER__DRAIN_TIMEOUT_S": "2"}
+           "FREEZE_OMNI_SERVER__DRAIN_TIMEOUT_S": "2",
+           # the tiny model's random text has no punctuation: its first phrase ends with the answer
+           "FREEZE_OMNI_DIALOGUE__MAX_ANSWER_TOKENS": "24",
+           "FREEZE_OMNI_OBSERVABILITY__DEBUG_RECORDING_DIR": str(tmp_path / "debug")}
     with PulseHarness(tmp_path / "pulse") as pulse:
         env.update(pulse.env)
         log = open(tmp_path / "daemon.log", "wb")
@@ -214,6 +218,9 @@ def test_daemon_as_a_notify_service(tmp_path, tiny_dir, listener):
                 daemon.wait(10)
             log.close()
     text = (tmp_path / "daemon.log").read_text()
+    turn = sorted((tmp_path / "debug").iterdir())[0]
+    assert {"input.wav", "output.wav", "states.json", "states.png"} <= {f.name for f in turn.iterdir()}, \
+        "debug recording of the answered turn"
     assert re.search(r"^<6>INFO assistant\.run_daemon \[session=\w+ turn=", text, re.M), \
         "journald format: priority prefix, no timestamp, session and turn ids"
 
@@ -239,6 +246,10 @@ def _exercise_service(daemon, listener, pulse, port, tiny_dir, soundfile) -> Non
     assert _metric(metrics, "freeze_omni_turn_latency_seconds_sum", played) > 0
     assert _metric(metrics, "freeze_omni_model_step_seconds_count", 'step="listen"') > 0
     assert "freeze_omni_turns_answered_total 1" in metrics.splitlines()
+
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: listener.times("RELOADING=1"), 5.0), "SIGHUP reloads"
+    assert wait_until(lambda: len(listener.times("READY=1")) == 2, 5.0), "READY=1 after the reload"
 
     pulse.unload_sink("mic")  # unplug the microphone
     assert wait_until(lambda: _get(port, "/health")[0] == 503, 10.0)
