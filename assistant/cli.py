@@ -10,6 +10,7 @@ from typing import Sequence
 
 from assistant.config_cli import add_config_parser, run_config
 from training.cli import add_train_parsers, run_train
+from training.eval_cli import add_eval_parsers, run_eval, run_transcribe
 
 EXIT_BAD_INPUT = 2
 OUTPUT_RATE_HZ = 24_000  # the codec's rate; checked against the loaded model
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_run(sub)
     add_train_parsers(sub)
+    add_eval_parsers(sub)
     add_config_parser(sub)
     return parser
 
@@ -281,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_export(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "eval":
+            return run_eval(args)
+        if args.command == "transcribe":
+            return run_transcribe(args)
         if args.command == "bench":
             from assistant.bench import run_bench
 

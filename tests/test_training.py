@@ -70,7 +70,8 @@ def chain(tmp_path_factory, tiny_dir: Path) -> dict:
     data = write_tiny_data(root / "data")
     llm_dir = tiny_dir / "llm"
     before = weights_checksum(load_frozen_llm(llm_dir)[0])
-    train_stage1(data, root / "run1", Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(12), batch_utterances=4))
+    train_stage1(data, root / "run1",
+                 Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(12), batch_utterances=4))
     train_stage2(root / "run1", data, llm_dir, root / "run2", Stage2Config(loop=_loop(10)))
     train_stage3(root / "run2", data, llm_dir, root / "run3", Stage3Config(loop=_loop(10, 1e-2)))
     model_dir = export_model_dir(root / "run3", root / "model", speech_from=tiny_dir / "checkpoints")
@@ -188,7 +189,8 @@ def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:
     layout = ChatLayout.from_template(result["train_yaml"]["model_conf"]["chat_template"], tokenizer)
     samples = load_wav(chain["data"] / "wav/u1.wav")  # the question with a pause
     with torch.no_grad():
-        logits = chunk_state_logits(parts, TurnLayout(causal_lm, tokenizer, layout), utterance_chunks(samples))
+        turns = TurnLayout(causal_lm, tokenizer, layout)
+        logits = chunk_state_logits(parts, turns, utterance_chunks(samples))
     trained = torch.softmax(logits[:, :3], dim=-1)
 
     engine = Engine(load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32),
@@ -213,3 +215,32 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     a, b = load_result(tmp_path / "straight")["state"], load_result(tmp_path / "resumed")["state"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_turn_scoring_windows_and_pauses() -> None:
+    from training.eval import TurnOutcome, score_turn
+
+    n = 5 * CHUNK_SAMPLES  # chunks 0..4, the last one is 4
+    assert score_turn("question", n, [], TurnOutcome(6, "respond"))["in_time"]
+    assert not score_turn("question", n, [], TurnOutcome(7, "respond"))["in_time"]
+    assert not score_turn("question", n, [], TurnOutcome(3, "respond"))["in_time"]
+    assert not score_turn("nonquery", n, [], TurnOutcome(4, "respond"))["in_time"]
+    pause = [[CHUNK_SAMPLES + 5, 2 * CHUNK_SAMPLES + 5]]  # overlaps chunks 1 and 2
+    assert score_turn("question", n, pause, TurnOutcome(2, "respond"))["false_ends"] == 1
+    assert score_turn("question", n, pause, TurnOutcome(4, "respond"))["false_ends"] == 0
+
+
+def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
+    import json
+
+    from assistant.cli import main
+
+    model = ["--model-dir", str(chain["model_dir"]), "--llm-dir", str(chain["llm_dir"])]
+    for kind in ("asr", "states"):
+        assert main(["eval", kind, *model, "--data", str(chain["data"]), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert set(report) == {"wer", "respond_within_2_chunks", "ignore_rate", "false_end_rate", "n"}
+        assert report["n"] > 0
+    assert report["respond_within_2_chunks"] is not None and report["ignore_rate"] is not None
+    assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav")]) == 0
+    assert capsys.readouterr().out.endswith("\n")

@@ -10,6 +10,7 @@ which is what the state head is trained on.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class LaidOutBatch:
     """Right-padded input embeddings and where the losses read the hidden states."""
 
     embeds: Tensor
-    """[B, L, H] (zeros after each sequence's end)."""
+    """[B, L, H] after the system prefix (zeros after each sequence's end)."""
     token_rows: Tensor
     """[K, 2] (batch row, position) whose hidden state predicts `token_targets`."""
     token_targets: Tensor
@@ -77,7 +78,8 @@ class LaidOutBatch:
 class TurnLayout:
     """Token ids of the fixed parts and the frozen embedding table."""
 
-    def __init__(self, causal_lm: nn.Module, tokenizer: Any, layout: ChatLayout, role: str | None = None) -> None:
+    def __init__(self, causal_lm: nn.Module, tokenizer: Any, layout: ChatLayout,
+                 role: str | None = None) -> None:
         self.causal_lm = causal_lm
         self.layout = layout
         text_role = layout.default_role if role is None else role
@@ -85,6 +87,7 @@ class TurnLayout:
         self.system_ids = tokenizer.encode(layout.system_header + text_role, add_special_tokens=False)
         self.opening_ids = [layout.end_of_turn_id, *layout.user_prefix_ids]
         self.suffix_ids = list(layout.assistant_suffix_ids)
+        self._system_cache: Any = None
 
     def embed(self, ids: list[int]) -> Tensor:
         table = self.causal_lm.get_input_embeddings()
@@ -93,7 +96,7 @@ class TurnLayout:
     def lay_out(self, items: list[TurnItem]) -> LaidOutBatch:
         """Concatenate and right-pad every item's sequence (see the module docstring)."""
         sequences, token_rows, token_targets, state_rows, state_targets = [], [], [], [], []
-        head = torch.cat([self.embed(self.system_ids), self.embed(self.opening_ids)])  # [h, H]
+        head = self.embed(self.opening_ids)  # [h, H]; the system part is a shared cached prefix
         for row, item in enumerate(items):
             parts = [head, item.lead.to(head.dtype), item.audio.to(head.dtype)]
             audio_start = head.shape[0] + item.lead.shape[0]
@@ -120,10 +123,26 @@ class TurnLayout:
         return LaidOutBatch(embeds, as_rows(token_rows), torch.tensor(token_targets, dtype=torch.long),
                             as_rows(state_rows), torch.tensor(state_targets, dtype=torch.long), lengths)
 
+    def _system_prefix(self, rows: int) -> Any:
+        """KV cache of the system header + role (as `prefill_system` leaves it), for `rows` rows."""
+        if self._system_cache is None:
+            with torch.no_grad():
+                system = self.embed(self.system_ids).unsqueeze(0)  # [1, s, H]
+                out = self.causal_lm.model(inputs_embeds=system, use_cache=True)
+            self._system_cache = out.past_key_values
+        cache = copy.deepcopy(self._system_cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
     def hidden(self, batch: LaidOutBatch) -> Tensor:
-        """[B, L, H] last hidden states (after the final norm, as the engine reads them)."""
+        """[B, L, H] last hidden states (after the final norm, as the engine reads them).
+
+        The system prefix is computed once and its KV cache reused by every batch.
+        """
         # Right padding needs no mask: causal attention never lets a real position see it.
-        return self.causal_lm.model(inputs_embeds=batch.embeds, use_cache=False).last_hidden_state
+        prefix = self._system_prefix(batch.embeds.shape[0])
+        out = self.causal_lm.model(inputs_embeds=batch.embeds, past_key_values=prefix, use_cache=True)
+        return out.last_hidden_state
 
     def token_loss(self, hidden: Tensor, batch: LaidOutBatch) -> Tensor:
         """Mean cross-entropy of the target tokens (the LM head only at those positions)."""

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from quantized_models.encoder import SpeechEncoder
 from training.common import RESULT_NAME, LoopConfig, batch_rng, train_loop
 from training.features import CharVocab, Utterance, cmvn_stats, load_utterances
-from training.model_config import AudioLlmParts, EncoderGeometry, cmvn_tensors, encoder_train_yaml, save_result
+from training.model_config import (
+    AudioLlmParts,
+    EncoderGeometry,
+    cmvn_tensors,
+    encoder_train_yaml,
+    save_result,
+)
 
 logger = logging.getLogger(__name__)
 

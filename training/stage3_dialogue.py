@@ -118,7 +118,8 @@ def train_stage3(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
         return _losses(parts, turns, batch, config)
 
     result = train_loop(run_dir, {"heads": parts.heads}, step_fn, config.loop,
-                        frozen=[causal_lm, parts.encoder, parts.adapter], title="stage 3: answer + state loss")
+                        frozen=[causal_lm, parts.encoder, parts.adapter],
+                        title="stage 3: answer + state loss")
     summary = {"steps": result.step, "finished": result.finished, "seconds": round(result.seconds, 1),
                "train_turns": len(examples),
                "train_audio_s": round(sum(u.entry.num_samples for u in utts) / 16000, 1)}

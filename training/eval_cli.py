@@ -1,0 +1,71 @@
+"""`freeze-omni eval asr|states` and `freeze-omni transcribe`: argparse builders and handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.eval import METRIC_KEYS, eval_asr, eval_states
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """`eval asr|states` and `transcribe` subparsers of the main CLI."""
+    ev = sub.add_parser("eval", help="evaluate a trained model on the data set's held-out test split")
+    kinds = ev.add_subparsers(dest="eval_kind", required=True)
+    for name, text in (("asr", "word error rate of the LLM's transcripts"),
+                       ("states", "turn-end decisions of the state head")):
+        p = kinds.add_parser(name, help=text)
+        _add_model_args(p)
+        p.add_argument("--data", type=Path, required=True, help="data directory with manifest.jsonl")
+        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("transcribe", help="print the frozen LLM's transcript of a speech file")
+    _add_model_args(p)
+    p.add_argument("--input", type=Path, required=True, help="speech wav (any rate, any channels)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, required=True, help="trained model directory (released layout)")
+    p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from quantized_models.model_dir import load_models
+
+    llm_dir = args.llm_dir
+    if llm_dir is None:
+        from quantized_models.smollm2 import prepare_smollm2
+
+        llm_dir = prepare_smollm2()
+    return load_models(args.model_dir, llm_dir, torch.device("cpu"), torch.float32)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    models = _load(args)
+    if args.eval_kind == "asr":
+        metrics = eval_asr(models, args.data, args.limit)
+    else:
+        from assistant.engine import Engine, EngineOptions
+
+        metrics = eval_states(Engine(models, EngineOptions()), args.data, args.limit)
+    report = {key: metrics.get(key) for key in METRIC_KEYS}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            if value is not None:
+                print(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}")
+    return 0
+
+
+def run_transcribe(args: argparse.Namespace) -> int:
+    from audio_io.wav_file import read_mono
+    from training.transcribe import transcribe
+
+    samples = read_mono(args.input, 16_000)
+    print(transcribe(_load(args), np.asarray(samples, dtype=np.float32)))
+    return 0
