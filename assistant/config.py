@@ -266,7 +266,8 @@ def parse_assignments(items: Iterable[str], source: str = "--set") -> tuple[list
             problems.append(Problem(source, key, "write it as section.field=value"))
         elif key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            problems.append(Problem(source, key, "unknown key" + (f"; did you mean {close[0]}?" if close else "")))
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(Problem(source, key, "unknown key" + hint))
         else:
             settings.append(Setting(key, value, f"{source} {key}", raw=True))
     return settings, problems
@@ -361,7 +362,8 @@ def build(layers: Iterable[list[Setting]], problems: list[Problem] | None = None
     problems = list(problems or [])
     sources = {key: DEFAULTS for key in all_keys()}
     values: dict[str, dict[str, Any]] = {s: {} for s in section_classes()}
-    types_by_key = {f"{s}.{n}": t for s, cls in section_classes().items() for n, t in field_types(cls).items()}
+    types_by_key = {f"{s}.{n}": t for s, cls in section_classes().items()
+                    for n, t in field_types(cls).items()}
     for layer in layers:
         for setting in layer:
             section, name = setting.key.split(".", 1)
@@ -390,21 +392,13 @@ def _value_problems(config: AssistantConfig, sources: dict[str, str]) -> list[Pr
         if not low <= get_value(config, key) <= high:
             found.append((key, f"use {low}..{high}"))
     seen = {key for key, _ in found}
-    for key, message in _daemon_problems(config):
+    for key, message in settings_problems(config.audio, config.vad, config.aec, config.dialogue):
         key = key.replace("echo.", "aec.", 1)  # the daemon calls the aec section `echo`
         if key not in seen:
             found.append((key, message))
             seen.add(key)
-    return [Problem(sources[key], key, f"{shown(get_value(config, key))!r}: {message}") for key, message in found]
-
-
-def _daemon_problems(config: AssistantConfig) -> list[tuple[str, str]]:
-    """`daemon_config.settings_problems` without DaemonSettings' raising constructor."""
-    settings = DaemonSettings.__new__(DaemonSettings)
-    for name, value in (("audio", config.audio), ("vad", config.vad), ("echo", config.aec),
-                        ("dialogue", config.dialogue), ("events_path", config.observability.events_path)):
-        object.__setattr__(settings, name, value)
-    return settings_problems(settings)
+    return [Problem(sources[key], key, f"{shown(get_value(config, key))!r}: {message}")
+            for key, message in found]
 
 
 def model_path_problems(config: AssistantConfig, sources: dict[str, str]) -> list[Problem]:
@@ -426,10 +420,11 @@ def model_path_problems(config: AssistantConfig, sources: dict[str, str]) -> lis
             continue
         missing = [name for name in required if not (path / name).is_file()]
         if missing:
-            problems.append(Problem(sources[key], key, f"{value} is not {what}: missing {', '.join(missing)}"))
+            problems.append(Problem(sources[key], key,
+                                    f"{value} is not {what}: missing {', '.join(missing)}"))
     if models.backend == "onnx" and models.onnx_dir is None:
-        problems.append(Problem(sources["models.backend"], "models.onnx_dir",
-                                "backend onnx needs models.onnx_dir (write it with `freeze-omni export-onnx`)"))
+        problems.append(Problem(sources["models.backend"], "models.onnx_dir", "backend onnx needs "
+                                "models.onnx_dir (write it with `freeze-omni export-onnx`)"))
     return problems
 
 
@@ -438,9 +433,9 @@ def get_value(config: AssistantConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def load_config(config_file: Path | None = None, cli: Iterable[Setting] = (), env: Mapping[str, str] | None = None,
-                system_path: Path | None = SYSTEM_CONFIG_PATH, user_path: Path | None = None,
-                check_paths: bool = False) -> LoadedConfig:
+def load_config(config_file: Path | None = None, cli: Iterable[Setting] = (),
+                env: Mapping[str, str] | None = None, system_path: Path | None = SYSTEM_CONFIG_PATH,
+                user_path: Path | None = None, check_paths: bool = False) -> LoadedConfig:
     """Every layer in order (defaults, system file, user file, `config_file`, environment, `cli`).
 
     The system and user files are optional; `config_file`, when given, must exist.

@@ -1,4 +1,4 @@
-"""`freeze-omni config check [FILE]` and `freeze-omni config show`: the layered configuration on the terminal."""
+"""`freeze-omni config check [FILE]` and `freeze-omni config show`: the layered configuration."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,8 @@ EXIT_BAD_CONFIG = 2
 def add_config_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="check or show the layered configuration")
     config_sub = p.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="validate a config file (or the layers in effect); exit 0 or 2")
+    check = config_sub.add_parser(
+        "check", help="validate a config file (or the layers in effect); exit 0 or 2")
     check.add_argument("file", nargs="?", type=Path, default=None,
                        help="check this file alone over the defaults (default: every layer in effect)")
     show = config_sub.add_parser("show", help="print the merged configuration and where each value came from")

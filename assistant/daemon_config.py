@@ -80,19 +80,19 @@ class DaemonSettings:
     """JSON-lines file receiving one record per turn (latencies), or None."""
 
     def __post_init__(self) -> None:
-        problems = settings_problems(self)
+        problems = settings_problems(self.audio, self.vad, self.echo, self.dialogue)
         if problems:
             raise ValueError("; ".join(f"{key}={_shown(self, key)}: {message}" for key, message in problems))
 
 
-def settings_problems(settings: DaemonSettings) -> list[tuple[str, str]]:
-    """Every (key, what is wrong and how to fix it) in `settings`; empty when they are usable.
+def settings_problems(audio: AudioSettings, vad: VadSettings, echo: EchoSettings,
+                      dialogue: DialogueSettings) -> list[tuple[str, str]]:
+    """Every (key, what is wrong and how to fix it) in the daemon's sections; empty when usable.
 
     Keys name the dataclass path (`vad.frame_ms`); `assistant.config` reports them against the
     file or variable the value came from.
     """
     problems = []
-    vad, dialogue = settings.vad, settings.dialogue
     if vad.frame_ms not in (10, 20, 30):
         problems.append(("vad.frame_ms", "webrtcvad takes 10, 20 or 30"))
     if not 0 <= vad.aggressiveness <= 3:
@@ -106,10 +106,10 @@ def settings_problems(settings: DaemonSettings) -> list[tuple[str, str]]:
         problems.append(("dialogue.max_answer_steps_per_tick", "must be >= 1"))
     if dialogue.turn_end is TurnEnd.FILE:
         problems.append(("dialogue.turn_end", "file is for `freeze-omni respond`; use model or vad"))
-    if not 1 <= settings.audio.block_ms <= 200:
+    if not 1 <= audio.block_ms <= 200:
         problems.append(("audio.block_ms", "use 1..200 ms"))
-    for section in ("audio", "vad", "echo", "dialogue"):
-        problems += _negative_amounts(section, getattr(settings, section))
+    for section, values in (("audio", audio), ("vad", vad), ("echo", echo), ("dialogue", dialogue)):
+        problems += _negative_amounts(section, values)
     return problems
 
 

@@ -94,9 +94,9 @@ class DebugRecorder:
                 write_pcm16(out / "input.wav", np.concatenate(turn.inputs), INPUT_RATE_HZ)
             if turn.outputs:
                 write_pcm16(out / "output.wav", np.concatenate(turn.outputs), OUTPUT_RATE_HZ)
-            (out / "states.json").write_text(json.dumps({"thresholds": {"respond": self.thresholds[0],
-                                                                         "ignore": self.thresholds[1]},
-                                                          "chunk_ms": 160, "chunks": turn.states}, indent=1))
+            thresholds = {"respond": self.thresholds[0], "ignore": self.thresholds[1]}
+            (out / "states.json").write_text(json.dumps(
+                {"thresholds": thresholds, "chunk_ms": 160, "chunks": turn.states}, indent=1))
             (out / "states.png").write_bytes(state_plot_png(turn.states, self.thresholds))
         except OSError as err:  # a full disk must not stop the assistant
             logger.warning("debug recording of %s failed: %s", turn.name, err)
@@ -139,7 +139,8 @@ def _png(image: np.ndarray) -> bytes:
     rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), image.reshape(height, width * 3)], axis=1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))

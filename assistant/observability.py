@@ -75,7 +75,8 @@ class Metrics:
         self.histograms: list[Histogram] = []
         self.collectors: list[Callable[[], Iterable[Sample]]] = []
 
-    def histogram(self, name: str, help_text: str, buckets: Iterable[float], label: str | None = None) -> Histogram:
+    def histogram(self, name: str, help_text: str, buckets: Iterable[float],
+                  label: str | None = None) -> Histogram:
         hist = Histogram(name, help_text, buckets, label)
         self.histograms.append(hist)
         return hist
@@ -93,7 +94,8 @@ class Metrics:
             lines += [f"# HELP {name} {samples[0].help}", f"# TYPE {name} {samples[0].kind}"]
             for s in samples:
                 labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
-                lines.append(f"{name}{{{labels}}} {_number(s.value)}" if labels else f"{name} {_number(s.value)}")
+                series = f"{name}{{{labels}}}" if labels else name
+                lines.append(f"{series} {_number(s.value)}")
         for hist in self.histograms:
             lines += hist.render()
         return "\n".join(lines) + "\n"
@@ -147,7 +149,8 @@ class HttpEndpoint:
                                      "choose another port or set server.http_enabled: false") from err
         self._server.daemon_threads = True
         self.host, self.port = host, self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="freeze-omni-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="freeze-omni-http",
+                                        daemon=True)
 
     def start(self) -> "HttpEndpoint":
         self._thread.start()
@@ -168,7 +171,8 @@ def _handler_class(metrics: Metrics, health: Health) -> type[BaseHTTPRequestHand
                 self._reply(200, CONTENT_TYPE_METRICS, metrics.render())
             elif path == "/health":
                 snap = health.snapshot()
-                self._reply(200 if snap["status"] == "ready" else 503, "application/json", json.dumps(snap) + "\n")
+                status = 200 if snap["status"] == "ready" else 503
+                self._reply(status, "application/json", json.dumps(snap) + "\n")
             else:
                 self._reply(404, "text/plain; charset=utf-8", "try /health or /metrics\n")
 
@@ -200,7 +204,8 @@ class LogContext(logging.Filter):
         return True
 
 
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
 JOURNAL_FORMAT = "<%(priority)d>%(levelname)s %(name)s [session=%(session)s turn=%(turn)s] %(message)s"
 TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s [session=%(session)s turn=%(turn)s] %(message)s"
 

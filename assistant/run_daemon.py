@@ -111,10 +111,6 @@ def load_run_config(args: argparse.Namespace, check_paths: bool = True) -> Loade
     return loaded
 
 
-def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
-    return load_run_config(args, check_paths=False).config.daemon_settings()
-
-
 def _echo_canceller(echo: EchoSettings) -> Any:
     from audio_io.aec import AecUnavailableError, HalfDuplexGate, WebRtcEchoCanceller
 
@@ -152,7 +148,8 @@ def check_devices(settings: DaemonSettings) -> None:
 
 
 def run_daemon(config: AssistantConfig, load_models: Callable[[AssistantConfig], Any],
-               reload_config: Callable[[], AssistantConfig] | None = None, debug_logging: bool = False) -> int:
+               reload_config: Callable[[], AssistantConfig] | None = None,
+               debug_logging: bool = False) -> int:
     """Load, warm up, serve until SIGTERM/SIGINT (SIGHUP reloads); returns the process exit status.
 
     Args:
@@ -178,7 +175,8 @@ def run_daemon(config: AssistantConfig, load_models: Callable[[AssistantConfig],
             logger.error("%s", err)
             return EXIT_NO_AUDIO_DEVICE
         try:
-            return _serve(config, conversation, audio, notifier, health, telemetry, reload_config, debug_logging)
+            return _serve(config, conversation, audio, notifier, health, telemetry, reload_config,
+                          debug_logging)
         finally:
             audio.close()
     finally:
@@ -192,8 +190,8 @@ def _serve(config: AssistantConfig, conversation: Conversation, audio: Any, noti
     from assistant.service import ServiceLoop
 
     settings = config.daemon_settings()
-    daemon = Daemon(conversation, audio, build_vad(settings), DeviceEchoPolicy(audio, settings.echo.aec_enabled),
-                    settings)
+    echo_policy = DeviceEchoPolicy(audio, settings.echo.aec_enabled)
+    daemon = Daemon(conversation, audio, build_vad(settings), echo_policy, settings)
     telemetry.daemon_collector(daemon, audio)
     service = ServiceLoop(daemon, config, notifier, health, telemetry, reload_config, debug_logging)
     service.install_signal_handlers()
@@ -243,7 +241,8 @@ def _recorder(config: AssistantConfig) -> Any:
     if directory is None:
         return None
     dialogue = config.dialogue
-    return DebugRecorder(Path(directory).expanduser(), (dialogue.respond_probability, dialogue.ignore_probability))
+    thresholds = (dialogue.respond_probability, dialogue.ignore_probability)
+    return DebugRecorder(Path(directory).expanduser(), thresholds)
 
 
 def _start_endpoint(config: AssistantConfig, telemetry: Any, health: Any) -> Any:

@@ -79,7 +79,9 @@ class ServiceLoop:
         self.telemetry.flush_if_idle(not self._busy())
         loop_ok = self._loop_healthy(now)
         self._report(now, audio_ok, loop_ok)
-        if loop_ok and self.notifier.watchdog_enabled and now - self._last_ping >= self.notifier.watchdog_interval_s:
+        watchdog_due = self.notifier.watchdog_enabled and \
+            now - self._last_ping >= self.notifier.watchdog_interval_s
+        if loop_ok and watchdog_due:
             self.notifier.watchdog()
             self._last_ping = now
         if self.stop_requested:

@@ -112,7 +112,8 @@ class Telemetry:
         yield Sample(f"{PREFIX}_sessions_started_total", "counter", "Dialogue sessions started",
                      self.sessions_started)
         yield Sample(f"{PREFIX}_sessions_active", "gauge", "Dialogue sessions held", 1)
-        yield Sample(f"{PREFIX}_turns_started_total", "counter", "User turns heard by the model", self.turns_started)
+        yield Sample(f"{PREFIX}_turns_started_total", "counter", "User turns heard by the model",
+                     self.turns_started)
 
 
 class InstrumentedEngine(Engine):

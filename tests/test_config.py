@@ -45,8 +45,8 @@ def _layered(tmp_path: Path, top: str) -> tuple[argparse.Namespace, dict, Path]:
 def test_each_layer_overrides_the_ones_before(tmp_path, top):
     args, env, system = _layered(tmp_path, top)
     loaded = load_config(args.config, cli=_flags(args), env=env, system_path=system)
-    assert loaded.config.dialogue.min_barge_in_ms == {"system": 100, "user": 200, "file": 300, "env": 400,
-                                                       "flag": 500}[top]
+    expected = {"system": 100, "user": 200, "file": 300, "env": 400, "flag": 500}[top]
+    assert loaded.config.dialogue.min_barge_in_ms == expected
     assert loaded.config.dialogue.silence_end_s == 7.5, "a key set only below is kept"
     source = loaded.sources["dialogue.min_barge_in_ms"]
     assert {"system": str(system), "user": "xdg/freeze-omni/config.yaml", "file": "--config",
@@ -61,15 +61,17 @@ def test_flags_win_over_environment(tmp_path, monkeypatch):
     args = build_parser().parse_args(["run", "--input-device", "from-flag", "--set", "dialogue.turn_end=vad",
                                       "--model-dir", "/m", "--llm-dir", "/l"])
     loaded = load_run_config(args, check_paths=False)
-    assert loaded.config.audio.input_device == "from-flag" and loaded.sources["audio.input_device"] == "--input-device"
+    assert loaded.config.audio.input_device == "from-flag"
+    assert loaded.sources["audio.input_device"] == "--input-device"
     assert loaded.config.dialogue.turn_end is TurnEnd.VAD
-    assert loaded.config.vad.aggressiveness == 3 and loaded.sources["vad.aggressiveness"].startswith("environment")
+    assert loaded.config.vad.aggressiveness == 3
+    assert loaded.sources["vad.aggressiveness"].startswith("environment")
     assert loaded.sources["vad.frame_ms"] == "default" and loaded.config.models.model_dir == "/m"
 
 
 def test_run_flags_keep_working_without_any_file(tmp_path):
-    args = build_parser().parse_args(["run", "--model-dir", "/m", "--llm-dir", "/l", "--no-aec", "--turn-end", "vad",
-                                      "--vad-aggressiveness", "0", "--events", "ev.jsonl"])
+    args = build_parser().parse_args(["run", "--model-dir", "/m", "--llm-dir", "/l", "--no-aec", "--turn-end",
+                                      "vad", "--vad-aggressiveness", "0", "--events", "ev.jsonl"])
     config = load_config(cli=_flags(args), env={"XDG_CONFIG_HOME": str(tmp_path)}, system_path=None).config
     settings = config.daemon_settings()
     assert not settings.echo.aec_enabled and settings.dialogue.turn_end is TurnEnd.VAD
@@ -87,17 +89,21 @@ def _flags(args):
 # ---- bad input: exit 2, the file and the key named ------------------------------------------------
 
 @pytest.mark.parametrize("text, key, hint", [
-    pytest.param("vad:\n  agressiveness: 3\n", "vad.agressiveness", "did you mean vad.aggressiveness", id="unknown-key"),
+    pytest.param("vad:\n  agressiveness: 3\n", "vad.agressiveness", "did you mean vad.aggressiveness",
+                 id="unknown-key"),
     pytest.param("dialog:\n  turn_end: vad\n", "dialog", "did you mean dialogue", id="unknown-section"),
     pytest.param("aggressiveness: 3\n", "aggressiveness", "vad.aggressiveness", id="field-outside-section"),
-    pytest.param("vad:\n  aggressiveness: loud\n", "vad.aggressiveness", "expects a whole number", id="wrong-type"),
+    pytest.param("vad:\n  aggressiveness: loud\n", "vad.aggressiveness", "expects a whole number",
+                 id="wrong-type"),
     pytest.param("aec:\n  aec_enabled: 1\n", "aec.aec_enabled", "expects true or false", id="int-for-bool"),
     pytest.param("vad:\n  aggressiveness: 7\n", "vad.aggressiveness", "use 0..3", id="out-of-range"),
     pytest.param("vad:\n  frame_ms: 25\n", "vad.frame_ms", "10, 20 or 30", id="not-a-webrtcvad-frame"),
-    pytest.param("dialogue:\n  silence_end_s: -1\n", "dialogue.silence_end_s", "negative", id="negative-duration"),
+    pytest.param("dialogue:\n  silence_end_s: -1\n", "dialogue.silence_end_s", "negative",
+                 id="negative-duration"),
     pytest.param("dialogue:\n  turn_end: file\n", "dialogue.turn_end", "model, vad", id="bad-choice"),
     pytest.param("server:\n  http_port: 70000\n", "server.http_port", "0..65535", id="port"),
-    pytest.param("models:\n  model_dir: /no/such/dir\n", "models.model_dir", "no such directory", id="missing-model"),
+    pytest.param("models:\n  model_dir: /no/such/dir\n", "models.model_dir", "no such directory",
+                 id="missing-model"),
     pytest.param("models:\n  backend: onnx\n", "models.onnx_dir", "export-onnx", id="onnx-without-graphs"),
     pytest.param("vad: [1, 2]\n", "vad", "must be a mapping", id="section-not-mapping"),
     pytest.param("vad:\n  aggressiveness: [\n", "(file)", "not valid YAML", id="yaml-syntax"),
@@ -112,7 +118,8 @@ def test_config_check_names_file_key_and_fix(tmp_path, capsys, text, key, hint):
 
 
 def test_a_model_directory_that_is_not_a_model(tmp_path, tiny_dir, capsys):
-    path = _write(tmp_path / "c.yaml", {"models": {"model_dir": str(tiny_dir), "llm_dir": str(tiny_dir / "llm")}})
+    models = {"model_dir": str(tiny_dir), "llm_dir": str(tiny_dir / "llm")}
+    path = _write(tmp_path / "c.yaml", {"models": models})
     assert main(["config", "check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "models.model_dir" in err and "missing audiollm/final.pt" in err and "llm_dir" not in err
@@ -158,7 +165,8 @@ def test_show_prints_merged_values_with_sources_as_valid_yaml(capsys, tmp_path, 
     monkeypatch.setenv("FREEZE_OMNI_DIALOGUE__RESPOND_PROBABILITY", "0.7")
     assert main(["config", "show", "--set", "vad.aggressiveness=1"]) == 0
     out = capsys.readouterr().out
-    assert "respond_probability: 0.7" in out and "# environment FREEZE_OMNI_DIALOGUE__RESPOND_PROBABILITY" in out
+    assert "respond_probability: 0.7" in out
+    assert "# environment FREEZE_OMNI_DIALOGUE__RESPOND_PROBABILITY" in out
     assert "# --set vad.aggressiveness" in out
     shown = yaml.safe_load(out)
     assert shown["vad"]["aggressiveness"] == 1 and shown["dialogue"]["respond_probability"] == 0.7

@@ -26,8 +26,15 @@ from assistant.progress import Progress, wants_bar
 from assistant.sd_notify import Notifier
 from assistant.service import MAX_FAILURES_IN_WINDOW, ServiceLoop
 from assistant.telemetry import Telemetry
-from tests.fakes import BargeInAllowed, FakeClock, FakeDuplex, LevelGate, ScriptedConversation, silence_chunks, \
-    speech_chunks
+from tests.fakes import (
+    BargeInAllowed,
+    FakeClock,
+    FakeDuplex,
+    LevelGate,
+    ScriptedConversation,
+    silence_chunks,
+    speech_chunks,
+)
 
 CONFIG = AssistantConfig(vad=replace(AssistantConfig().vad, preroll_ms=320))
 
@@ -103,7 +110,8 @@ def _scrape(port: int, path: str) -> tuple[int, str]:
 
 
 def _sample(text: str, name: str, labels: str = "") -> float:
-    pattern = rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
+    series = rf"{re.escape(name)}{{{re.escape(labels)}}}" if labels else re.escape(name)
+    pattern = rf"^{series} (\S+)$"
     match = re.search(pattern, text, re.M)
     assert match, f"{name}{{{labels}}} not in\n{text}"
     return float(match.group(1))
@@ -140,7 +148,8 @@ def test_histogram_buckets_are_cumulative():
     for value in (0.05, 0.5, 0.5, 5.0):
         hist.observe(value, "a")
     text = metrics.render()
-    assert [_sample(text, "x_seconds_bucket", f'stage="a",le="{le}"') for le in ("0.1", "1", "+Inf")] == [1, 3, 4]
+    buckets = [_sample(text, "x_seconds_bucket", f'stage="a",le="{le}"') for le in ("0.1", "1", "+Inf")]
+    assert buckets == [1, 3, 4]
     assert _sample(text, "x_seconds_sum", 'stage="a"') == pytest.approx(6.05)
 
 
@@ -264,7 +273,8 @@ def test_sighup_applies_live_keys_and_reports_the_others(caplog):
 
 def test_sighup_with_a_broken_config_keeps_the_running_one(caplog):
     def broken():
-        raise ConfigError([Problem("/etc/freeze-omni/config.yaml", "vad.frame_ms", "25: webrtcvad takes 10, 20 or 30")])
+        raise ConfigError([Problem("/etc/freeze-omni/config.yaml", "vad.frame_ms",
+                                   "25: webrtcvad takes 10, 20 or 30")])
 
     service, daemon, _, _ = _service(silence_chunks(10), [], reload_config=broken)
     before = daemon.settings
@@ -300,7 +310,8 @@ def test_debug_recording_writes_each_turns_audio_and_state_plot(tmp_path):
     recorder.flush()
     first, second = tmp_path / "s1-0001", tmp_path / "s1-0002"
     assert soundfile.info(first / "input.wav").frames == 5 * 2560
-    assert soundfile.info(first / "output.wav").frames == 2 * 2400 and soundfile.info(first / "output.wav").samplerate == 24000
+    output = soundfile.info(first / "output.wav")
+    assert output.frames == 2 * 2400 and output.samplerate == 24000
     assert not (second / "output.wav").exists() and soundfile.info(second / "input.wav").frames == 2560
     states = json.loads((first / "states.json").read_text())["chunks"]
     assert [round(s["p_respond"], 2) for s in states] == [0.0, 0.15, 0.3, 0.45, 0.6]

@@ -74,7 +74,8 @@ def test_user_unit_verifies(tmp_path):
     _stub(home / _exec_path(USER_UNIT).replace("%h/", ""))
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
-    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(home / ".config")}
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime),
+           "XDG_CONFIG_HOME": str(home / ".config")}
     out = subprocess.run(["systemd-analyze", "--user", "verify", "--man=no", str(USER_UNIT)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
@@ -97,11 +98,13 @@ def test_units_are_watched_notify_services(path):
 
 def test_system_unit_is_hardened_but_reaches_audio_and_gpu():
     service = _unit(SYSTEM_UNIT)["Service"]
-    assert service["User"] != "root" and {"audio", "video", "render"} <= set(service["SupplementaryGroups"].split())
+    assert service["User"] != "root"
+    assert {"audio", "video", "render"} <= set(service["SupplementaryGroups"].split())
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert service["ProtectHome"] == "read-only" and service["PrivateTmp"] == "yes"
     assert service["StateDirectory"] and service["CacheDirectory"]
-    assert "PrivateDevices" not in service and "DevicePolicy" not in service, "would hide /dev/snd and the GPU"
+    assert "PrivateDevices" not in service and "DevicePolicy" not in service, \
+        "would hide /dev/snd and the GPU"
 
 
 # ---- sd_notify ----------------------------------------------------------------------------
@@ -151,7 +154,8 @@ def listener():
 
 
 def test_notifier_sends_datagrams_and_halves_the_watchdog(listener):
-    notifier = Notifier({"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
+    notifier = Notifier({"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "2000000",
+                         "WATCHDOG_PID": str(os.getpid())})
     assert notifier.watchdog_interval_s == 1.0
     notifier.ready("listening")
     notifier.status("listening")  # unchanged: not sent again
@@ -163,7 +167,8 @@ def test_notifier_sends_datagrams_and_halves_the_watchdog(listener):
 
 def test_notifier_is_silent_without_systemd_and_ignores_another_pids_watchdog():
     assert not Notifier({}).enabled and Notifier({}).ready() is False
-    other = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    other = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify", "WATCHDOG_USEC": "1000000",
+                      "WATCHDOG_PID": "1"})
     assert not other.watchdog_enabled
     assert other.ready() is False, "a socket that is gone is reported, not raised"
 
@@ -207,8 +212,9 @@ def test_daemon_as_a_notify_service(tmp_path, tiny_dir, listener):
         log = open(tmp_path / "daemon.log", "wb")
         daemon = subprocess.Popen(
             [sys.executable, "-m", "assistant.cli", "run", "--model-dir", str(tiny_dir / "checkpoints"),
-             "--llm-dir", str(tiny_dir / "llm"), "--input-device", INPUT_DEVICE, "--output-device", OUTPUT_DEVICE,
-             "--turn-end", "vad", "--no-aec", "--device", "cpu", "--dtype", "float32", "--seed", "0"],
+             "--llm-dir", str(tiny_dir / "llm"), "--input-device", INPUT_DEVICE,
+             "--output-device", OUTPUT_DEVICE, "--turn-end", "vad", "--no-aec", "--device", "cpu",
+             "--dtype", "float32", "--seed", "0"],
             env=env, stdout=log, stderr=log, cwd=REPO_ROOT)
         try:
             _exercise_service(daemon, listener, pulse, port, tiny_dir, soundfile)
