@@ -55,6 +55,11 @@ class SpeechGate(Protocol):
         """Feed one 160 ms chunk; returns (started, stopped) for this chunk."""
         ...
 
+    @property
+    def heard_speech(self) -> bool:
+        """The last chunk fed held speech (not just the gate's hangover)."""
+        ...
+
 
 class BargeInPolicy(Protocol):
     """Whether the user may interrupt now. Echo control itself runs inside the audio port
@@ -109,6 +114,11 @@ class DaemonCounters:
     turns_answered: int = 0
     turns_ignored: int = 0
     barge_ins: int = 0
+    """Answers cut because the user was answered while they played."""
+    interruptions_heard: int = 0
+    """User turns that began while the assistant was speaking (or its echo could be heard)."""
+    interruptions_answered: int = 0
+    """Of those, turns the assistant answered (a barge-in decision, whether or not audio was left to cut)."""
     ignored_interruptions: int = 0
     device_losses: int = 0
     recoveries: int = 0
@@ -123,8 +133,8 @@ class _Turn:
     """True: heard while the assistant speaks (barge-in candidate)."""
     stopped_at: float | None = None
     """VAD stop time, if the user has gone quiet."""
-    chunks: int = 0
-    """Chunks heard in this turn after its start."""
+    speech_chunks: int = 0
+    """Chunks of this turn that held speech (the pre-roll and the VAD's hangover not counted)."""
 
 
 class Daemon:
@@ -192,9 +202,12 @@ class Daemon:
             self._recent.append(chunk)
             return
         self._last_activity = now
-        self._turn.chunks += 1
         if started:  # the user went on after a pause: the same turn continues
             self._turn.stopped_at = None
+        # The hangover before a VAD stop is not speech; nor is what is heard while AEC re-adapts
+        # at the start of an answer (its residue comes in bursts of 100-300 ms).
+        if self.gate.heard_speech and (not self._turn.on_fork or self._barge_in_allowed(now)):
+            self._turn.speech_chunks += 1
         if stopped and self._turn.stopped_at is None:
             self._turn.stopped_at = now
             if self.settings.dialogue.turn_end is TurnEnd.VAD:
@@ -207,8 +220,10 @@ class Daemon:
             self._decide(decision, now)
 
     def _open_turn(self, on_fork: bool) -> None:
+        logger.info("user speech started%s", " while the assistant speaks" if on_fork else "")
         self._turn = _Turn(on_fork=on_fork)
         if on_fork:
+            self.counters.interruptions_heard += 1
             self.conv.begin_barge_in()
         for old in self._recent:  # pre-roll: decisions ignored, as the official server does
             self._feed(old, follow=False)
@@ -247,9 +262,10 @@ class Daemon:
     def _respond(self, now: float) -> None:
         assert self._turn is not None
         min_chunks = self.settings.dialogue.min_barge_in_ms / (1000.0 * MODEL_CHUNK_S)
-        if self._turn.on_fork and (self._turn.chunks < min_chunks or not self._barge_in_allowed(now)):
+        if self._turn.on_fork and (self._turn.speech_chunks < min_chunks or not self._barge_in_allowed(now)):
             # Residual echo comes in short bursts, mostly while AEC re-adapts at an answer's start.
-            logger.info("interruption too short or too early (%d chunks): ignored", self._turn.chunks)
+            logger.info("interruption too short or too early (%d chunks of speech): ignored",
+                        self._turn.speech_chunks)
             self._ignore()
             return
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)
@@ -258,6 +274,7 @@ class Daemon:
                 self._controls.appendleft(Control.BARGE_IN)
                 self._handle_controls()
             self.conv.commit_barge_in(self._played_in_answer())
+            self.counters.interruptions_answered += 1
         self._turn = None
         self.conv.start_answer()
         self._answer_times = times

@@ -39,8 +39,8 @@ class VadSettings:
 class EchoSettings:
     aec_enabled: bool = True
     """Cancel the assistant's own voice from the microphone (needs pywebrtc-audio)."""
-    aec_warmup_ms: int = 500
-    """Barge-in is not allowed during the first moments of each answer, while AEC adapts."""
+    aec_warmup_ms: int = 800
+    """Speech heard during the first moments of each answer, while AEC re-adapts, cannot barge in."""
     half_duplex_tail_ms: int = 300
     """Without AEC: the microphone stays muted this long after playback ends."""
 

@@ -37,6 +37,10 @@ class VadChunkGate:
         kinds = [event.kind for event in self.vad.push(chunk)]
         return VadEventKind.START in kinds, VadEventKind.STOP in kinds
 
+    @property
+    def heard_speech(self) -> bool:
+        return self.vad.state.speech_frames_last_push > 0
+
 
 class DeviceEchoPolicy:
     """The duplex stream cancels echo itself; this only says when barge-in may fire."""
@@ -136,7 +140,8 @@ def build_vad(settings: DaemonSettings) -> VadChunkGate:
     vad = settings.vad
     return VadChunkGate(VadGate(frame_ms=vad.frame_ms, aggressiveness=vad.aggressiveness,
                                 start_frames=max(1, vad.start_ms // vad.frame_ms),
-                                stop_frames=max(1, vad.stop_ms // vad.frame_ms), preroll_ms=vad.preroll_ms))
+                                stop_frames=max(1, vad.stop_ms // vad.frame_ms), preroll_ms=vad.preroll_ms,
+                                min_level_dbfs=vad.min_level_dbfs))
 
 
 def check_devices(settings: DaemonSettings) -> None:

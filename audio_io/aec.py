@@ -53,13 +53,21 @@ class WebRtcEchoCanceller:
             AEC3 converges within about a second of far-end speech.
         stream_delay_ms: hint of the echo path delay left after time alignment (AEC3 also
             estimates it).
+        residual_gate_db: a 10 ms frame played over by the speaker whose output is this much
+            quieter than its input held only our own voice: it is silenced. AEC3 takes a loud
+            echo down by 15–25 dB, which leaves speech-like residue above the VAD's level
+            floor; a user talking over the answer keeps the frame within a few dB of its
+            input (unless they are this much quieter than our echo). None: no gate.
+        echo_tail_ms: the echo goes on this long after the reference falls silent (the
+            echo path's delay is known to AEC3, not to us), so the gate covers it too.
 
     Raises:
         AecUnavailableError: pywebrtc-audio is not installed.
     """
 
     def __init__(self, sample_rate_hz: int = MODEL_INPUT_RATE_HZ, warmup_ms: int = 1000,
-                 stream_delay_ms: int = 0) -> None:
+                 stream_delay_ms: int = 0, residual_gate_db: float | None = 6.0,
+                 echo_tail_ms: int = 300) -> None:
         try:
             import pywebrtc_audio
         except ImportError as err:
@@ -69,6 +77,8 @@ class WebRtcEchoCanceller:
         self.sample_rate_hz = sample_rate_hz
         self.frame_samples = samples_for_ms(sample_rate_hz, AEC_FRAME_MS)  # 160 at 16 kHz
         self.warmup_frames = -(-warmup_ms // AEC_FRAME_MS)
+        self.residual_gate = None if residual_gate_db is None else 10.0 ** (-residual_gate_db / 10.0)
+        self.echo_tail_frames = -(-echo_tail_ms // AEC_FRAME_MS)
         self._aec = pywebrtc_audio.EchoCanceller(
             sample_rate=sample_rate_hz, num_channels=1, stream_delay_ms=stream_delay_ms)
         self.reset()
@@ -78,6 +88,10 @@ class WebRtcEchoCanceller:
         self._mic_rest = np.zeros(0, dtype=np.float32)
         self._ref_rest = np.zeros(0, dtype=np.float32)
         self.active_reference_frames = 0
+        self.gated_frames = 0
+        self._frames_since_played = self.echo_tail_frames + 1
+        self.echo_power_in = 0.0  # microphone power summed over played-over frames
+        self.echo_power_out = 0.0  # the same after cancellation (and the gate)
 
     @property
     def in_warmup(self) -> bool:
@@ -92,11 +106,42 @@ class WebRtcEchoCanceller:
         if whole == 0:
             return np.zeros(0, dtype=np.float32)
         frames = ref[:whole].reshape(-1, self.frame_samples)  # (F, 160)
-        self.active_reference_frames += int(np.count_nonzero(np.abs(frames).max(axis=1) > ACTIVITY_THRESHOLD))
+        played_over = np.abs(frames).max(axis=1) > ACTIVITY_THRESHOLD  # (F,)
+        self.active_reference_frames += int(np.count_nonzero(played_over))
         # whole frames only: pywebrtc-audio zero-pads a partial last frame, which would
         # insert silence into a stream
         out = self._aec.process(np.ascontiguousarray(mic[:whole]), np.ascontiguousarray(ref[:whole]))
-        return np.asarray(out, dtype=np.float32)
+        out = np.asarray(out, dtype=np.float32).reshape(-1, self.frame_samples)  # (F, 160), frame-aligned
+        echo_may_be_heard = self._within_echo_tail(played_over)
+        return self._gate_residual(mic[:whole].reshape(-1, self.frame_samples), out, echo_may_be_heard).reshape(-1)
+
+    def _within_echo_tail(self, played_over: np.ndarray) -> np.ndarray:
+        """(F,) bool: the frame or one up to `echo_tail_ms` before it was played over."""
+        positions = np.arange(len(played_over))
+        last_played = np.maximum.accumulate(np.where(played_over, positions, -1))
+        since = np.where(last_played >= 0, positions - last_played, self._frames_since_played + positions + 1)
+        self._frames_since_played = int(since[-1])
+        return since <= self.echo_tail_frames
+
+    def _gate_residual(self, mic: np.ndarray, out: np.ndarray, played_over: np.ndarray) -> np.ndarray:
+        """Silence (F, 160) output frames that hold nothing but what is left of our echo."""
+        power_in = np.mean(np.square(mic, dtype=np.float64), axis=1)  # (F,)
+        power_out = np.mean(np.square(out, dtype=np.float64), axis=1)
+        echo_only = played_over & (power_out < power_in * self.residual_gate) if self.residual_gate else \
+            np.zeros_like(played_over)
+        self.gated_frames += int(np.count_nonzero(echo_only))
+        out[echo_only] = 0.0
+        self.echo_power_in += float(power_in[played_over].sum())
+        self.echo_power_out += float(np.mean(np.square(out[played_over], dtype=np.float64), axis=1).sum())
+        return out
+
+    @property
+    def echo_return_loss_enhancement_db(self) -> float | None:
+        """Microphone power over output power while the speaker played (a user talking over
+        the answer counts too, so this is a lower bound); None before any playback."""
+        if self.echo_power_in <= 0.0:
+            return None
+        return 10.0 * float(np.log10(self.echo_power_in / max(self.echo_power_out, 1e-20)))
 
 
 class HalfDuplexGate:

@@ -35,7 +35,7 @@ PA_CONTINUE = 0  # pyaudio.paContinue, spelled out so this module needs no PyAud
 PA_STATUS_XRUN = 0x1 | 0x2 | 0x4 | 0x8  # paInput/Output Underflow/Overflow status flags
 DEFAULT_QUEUE_BLOCKS = 50  # 1 s of 20 ms microphone blocks before the oldest is dropped
 DEFAULT_OUTPUT_QUEUE_S = 30.0  # answer audio that may wait for the speaker
-DEFAULT_REFERENCE_LEAD_MS = 40  # echo reference read this far ahead of the mic (AEC3 takes ≤ ~500 ms)
+DEFAULT_REFERENCE_LEAD_MS = 100  # echo reference read this far ahead of the mic (AEC3 copes with ≤ ~500 ms; a late reference it cannot use)
 _END = object()  # queued after an utterance: the silence that follows is no underrun
 
 

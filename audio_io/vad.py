@@ -52,6 +52,8 @@ class VadState:
     recent: deque = field(default_factory=deque)
     """Frames seen while inactive, newest last: pre-roll + the start window."""
     frames_seen: int = 0
+    speech_frames_last_push: int = 0
+    """Frames of the last `push` judged speech (hangover frames are not)."""
 
 
 class VadGate:
@@ -66,6 +68,9 @@ class VadGate:
         preroll_ms: audio before the onset handed out with START.
         settle_ms: at the start of a stream webrtcvad calls the first few frames speech
             whatever they hold (its noise estimate starts at zero); they cannot open the gate.
+        min_level_dbfs: frames quieter than this (RMS, dB full scale) are never speech, or
+            None for no floor. webrtcvad judges spectral shape, not loudness: it calls the
+            −70 dBFS residue that echo cancellation leaves of our own voice speech.
 
     Raises:
         ValueError: unsupported rate, frame or aggressiveness.
@@ -74,8 +79,11 @@ class VadGate:
 
     def __init__(self, sample_rate_hz: int = MODEL_INPUT_RATE_HZ, frame_ms: int = VAD_FRAME_MS,
                  aggressiveness: int = 2, start_frames: int = 3, stop_frames: int = 20,
-                 preroll_ms: int = 480, settle_ms: int = 300) -> None:
+                 preroll_ms: int = 480, settle_ms: int = 300, min_level_dbfs: float | None = -60.0) -> None:
         _validate(sample_rate_hz, frame_ms, aggressiveness, start_frames, stop_frames, preroll_ms)
+        if min_level_dbfs is not None and min_level_dbfs >= 0:
+            raise ValueError(f"min_level_dbfs must be below 0 dBFS, got {min_level_dbfs}")
+        self.min_power = None if min_level_dbfs is None else 10.0 ** (min_level_dbfs / 10.0)
         self.sample_rate_hz = sample_rate_hz
         self.frame_samples = samples_for_ms(sample_rate_hz, frame_ms)
         self.start_frames, self.stop_frames = start_frames, stop_frames
@@ -91,8 +99,12 @@ class VadGate:
         self.state = VadState(recent=deque(maxlen=self._recent_frames))
 
     def is_speech(self, frame: np.ndarray) -> bool:
-        """webrtcvad's verdict on one (frame_samples,) float frame."""
-        return bool(self._vad.is_speech(float_to_int16(frame).tobytes(), self.sample_rate_hz))
+        """webrtcvad's verdict on one (frame_samples,) float frame, below the floor: no."""
+        # webrtcvad sees every frame, so its noise estimate keeps adapting
+        verdict = bool(self._vad.is_speech(float_to_int16(frame).tobytes(), self.sample_rate_hz))
+        if self.min_power is None:
+            return verdict
+        return verdict and float(np.mean(np.square(frame, dtype=np.float64))) >= self.min_power
 
     def push(self, chunk: np.ndarray) -> list[VadEvent]:
         """Feed (T,) float32 audio at `sample_rate_hz`; returns the events it caused, in order.
@@ -104,9 +116,11 @@ class VadGate:
         self.state.pending = samples[whole:]
         events: list[VadEvent] = []
         active_audio: list[np.ndarray] = []
+        self.state.speech_frames_last_push = 0
         for frame in samples[:whole].reshape(-1, self.frame_samples):  # (F, frame_samples)
             self.state.frames_seen += 1
             speech = self.is_speech(frame)
+            self.state.speech_frames_last_push += int(speech)
             if self.state.active:
                 active_audio.append(frame)
                 if self._step_active(speech):

@@ -100,9 +100,10 @@ class LevelGate:
     def __init__(self, start: int = 1, stop: int = 3, level: float = SPEECH_LEVEL / 2) -> None:
         self.start, self.stop, self.level = start, stop, level
         self.active, self.loud, self.quiet = False, 0, 0
+        self.heard_speech = False
 
     def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
-        loud = float(np.abs(chunk).mean()) > self.level
+        loud = self.heard_speech = float(np.abs(chunk).mean()) > self.level
         self.loud = self.loud + 1 if loud else 0
         self.quiet = self.quiet + 1 if not loud else 0
         if not self.active and self.loud >= self.start:

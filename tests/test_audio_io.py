@@ -201,7 +201,8 @@ def test_vad_gate_start_preroll_stop(frame_ms):
     rng = np.random.default_rng(0)
     signal = np.concatenate([np.zeros(16_000), speech, np.zeros(24_000)]).astype(np.float32)
     signal += rng.normal(0, 1e-3, len(signal)).astype(np.float32)
-    gate = VadGate(frame_ms=frame_ms, aggressiveness=2, start_frames=3, stop_frames=10, preroll_ms=300)
+    gate = VadGate(frame_ms=frame_ms, aggressiveness=2, start_frames=3, stop_frames=10, preroll_ms=300,
+                   min_level_dbfs=None)  # positions follow webrtcvad's verdicts alone
     events = [event for i in range(0, len(signal), MODEL_CHUNK_SAMPLES)
               for event in gate.push(signal[i:i + MODEL_CHUNK_SAMPLES])]
     kinds = [e.kind for e in events if e.kind is not VadEventKind.AUDIO]
@@ -217,6 +218,25 @@ def test_vad_gate_start_preroll_stop(frame_ms):
     heard = np.concatenate([preroll] + [e.audio for e in events if e.kind is VadEventKind.AUDIO])
     start = onset * frame - len(preroll)
     np.testing.assert_array_equal(heard, signal[start:(stop + 1) * frame])  # contiguous, nothing lost
+
+
+def test_vad_level_floor_ignores_faint_speech_that_webrtcvad_alone_hears():
+    """Echo cancellation leaves our own voice 30 dB down, at −70 to −85 dBFS; webrtcvad judges spectral
+    shape, so it hears speech there. The level floor keeps such residue from opening a turn."""
+    pytest.importorskip("webrtcvad")
+    speech = fixture_speech()
+    speech = speech / np.sqrt(np.mean(np.square(speech)))  # 0 dBFS RMS
+    signal = np.concatenate([np.zeros(16_000), speech, np.zeros(16_000)]).astype(np.float32)
+
+    def starts(level_dbfs: float, floor_dbfs: float | None) -> int:
+        gate = VadGate(aggressiveness=2, min_level_dbfs=floor_dbfs)
+        scaled = signal * np.float32(10.0 ** (level_dbfs / 20.0))
+        return sum(e.kind is VadEventKind.START for i in range(0, len(scaled), 2560)
+                   for e in gate.push(scaled[i:i + 2560]))
+
+    assert starts(-70.0, None) >= 1  # what the floor is for
+    assert starts(-70.0, -60.0) == 0
+    assert starts(-25.0, -60.0) == 1  # ordinary speech still opens the gate
 
 
 def test_vad_gate_stays_closed_on_silence():

@@ -146,3 +146,21 @@ def test_file_turn_end_is_refused_for_live_audio():
 
     with pytest.raises(ValueError, match="turn_end=file"):
         DaemonSettings(dialogue=DialogueSettings(turn_end=TurnEnd.FILE))
+
+
+def test_a_blip_while_speaking_never_cuts_the_answer_in_vad_mode():
+    """A 160 ms burst (residual echo, a click) followed by the VAD's hangover is shorter than
+    min_barge_in_ms of *speech*: the answer plays on. A real interruption (4 chunks) cuts it."""
+    settings = dataclasses.replace(SETTINGS, dialogue=DialogueSettings(turn_end=TurnEnd.VAD, min_barge_in_ms=400))
+    # the interruption comes ~1.9 s into the answer, after the AEC warm-up hold-off
+    blip = speech_chunks(3) + silence_chunks(12) + speech_chunks(1) + silence_chunks(60)
+    daemon, conv, audio, _ = _daemon(blip, [], settings=settings, speech_tokens=200)
+    daemon.settings = settings
+    _run(daemon, 70)
+    assert "commit_barge_in" not in conv.names() and audio.flushes == []
+    assert daemon.counters.ignored_interruptions == 1 and audio.played == 200 * 600
+
+    real = speech_chunks(3) + silence_chunks(12) + speech_chunks(4) + silence_chunks(60)
+    daemon, conv, audio, _ = _daemon(real, [], settings=settings, speech_tokens=200)
+    _run(daemon, 70)
+    assert "commit_barge_in" in conv.names() and daemon.counters.barge_ins == 1
