@@ -244,3 +244,29 @@ def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
     assert report["respond_within_2_chunks"] is not None and report["ignore_rate"] is not None
     assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav")]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_sigterm_checkpoints_and_returns(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from training.common import CHECKPOINT_NAME, train_loop
+
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def step_fn(step: int):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: finish this step, checkpoint, return
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return loss, {}
+
+    result = train_loop(tmp_path, {"model": model}, step_fn, _loop(10))
+    assert not result.finished and result.step == 3
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 3
+    resumed = train_loop(tmp_path, {"model": model}, step_fn_no_signal(model, x, y), _loop(10))
+    assert resumed.finished and resumed.step == 10
+
+
+def step_fn_no_signal(model, x, y):
+    return lambda step: (torch.nn.functional.mse_loss(model(x), y), {})
