@@ -393,7 +393,8 @@ class Daemon:
         if self._audio_was_healthy:  # report a loss once, not on every retry
             self._audio_was_healthy = False
             self.counters.device_losses += 1
-            logger.warning("audio device lost; looking for it every %.1f s",
+            # the audio port has already warned, with the reason; one report per loss
+            logger.info("audio device lost; looking for it every %.1f s",
                            self.settings.audio.reopen_interval_s)
             self._on_device_lost()
         now = self.clock.monotonic()

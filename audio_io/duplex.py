@@ -154,6 +154,7 @@ class DuplexStream(DuplexBuffers):
         self.device_losses = 0
         self.reopens = 0
         self._healthy = False
+        self._started_at_s = 0.0
         self._streams: _Streams | None = None
         self._streams_formats: dict[str, tuple[str, tuple[int, int]]] = {}  # direction → (name, format)
         # one bound-method object per direction: PyAudio 0.2.14 keeps a reference to the callback
@@ -239,6 +240,7 @@ class DuplexStream(DuplexBuffers):
         streams.output_stream.start_stream()
         streams.input_stream.start_stream()
         self.playback.output_latency_s = float(streams.output_stream.get_output_latency())
+        self._started_at_s = self.clock()
         self._healthy = True
         logger.info("audio: input %r at %d Hz (%d ch), output %r at %d Hz (%d ch), %d ms blocks, "
                     "output latency %.0f ms", streams.input_device.name, *streams.input_format,
@@ -283,6 +285,9 @@ class DuplexStream(DuplexBuffers):
         if streams is None:
             return "streams closed"
         now = self.clock()
+        # a device that just came back may deliver its first blocks unevenly (PulseAudio moves
+        # streams, a null sink renders in 2 s blocks until a reader attaches): start-up grace
+        starting = now - self._started_at_s < self.start_timeout_s
         for direction, stream, last_s, count in (
                 ("input", streams.input_stream, self.last_input_callback_s, self.input_callbacks),
                 ("output", streams.output_stream, self.last_output_callback_s, self.output_callbacks)):
@@ -292,7 +297,7 @@ class DuplexStream(DuplexBuffers):
                 return f"{direction} stream failed ({err})"
             if not active:
                 return f"{direction} stream stopped"
-            if now - last_s > (self.stall_timeout_s if count else self.start_timeout_s):
+            if now - last_s > (self.stall_timeout_s if count and not starting else self.start_timeout_s):
                 return f"no {direction} callback for {now - last_s:.1f} s"
         return None
 
