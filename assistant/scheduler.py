@@ -95,6 +95,8 @@ class SchedulerSettings:
     """Concurrent sessions at most; one more is refused."""
     session_idle_timeout_s: float = 300.0
     """A session with no input or output for this long is closed."""
+    reserved_listen_executors: int = 1
+    """Executors kept free of generation for listen steps (at most executors - 1; 0 with one executor)."""
     idle_poll_s: float = 0.02
     """How often an idle executor looks again for work that has become due (timers, lead caps)."""
 
@@ -103,6 +105,8 @@ class SchedulerSettings:
             raise ValueError(f"executors must be 1..64, got {self.executors}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.reserved_listen_executors < 0:
+            raise ValueError("reserved_listen_executors must be 0 or more")
         if self.session_idle_timeout_s <= 0 or self.idle_poll_s <= 0:
             raise ValueError("session_idle_timeout_s and idle_poll_s must be positive")
 
@@ -151,6 +155,7 @@ class Scheduler:
         self._entries: dict[str, _Entry] = {}
         self._cond = threading.Condition()
         self._seq = 0
+        self._generating = 0
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -174,6 +179,12 @@ class Scheduler:
             self._cond.notify_all()
 
     @property
+    def generate_slots(self) -> int:
+        """How many generation steps may run at once (the other executors wait for listen work)."""
+        s = self.settings
+        return max(1, s.executors - min(s.reserved_listen_executors, s.executors - 1))
+
+    @property
     def session_count(self) -> int:
         with self._cond:
             return len(self._entries)
@@ -193,11 +204,12 @@ class Scheduler:
         now = self.clock.monotonic()
         best: tuple | None = None
         chosen: tuple[_Entry, Pending] | None = None
+        may_generate = self._generating < self.generate_slots
         for entry in self._entries.values():
             if entry.busy:
                 continue
             pending = entry.session.pending(now)
-            if pending is None:
+            if pending is None or (pending.kind is not WorkKind.LISTEN and not may_generate):
                 continue
             if pending.kind is WorkKind.LISTEN:
                 key = (int(WorkKind.LISTEN), pending.since_s, entry.served_seq)
@@ -213,6 +225,8 @@ class Scheduler:
         entry.served_seq = self._seq
         if pending.kind is WorkKind.LISTEN:
             self._record_listen_wait(now - pending.since_s)
+        else:
+            self._generating += 1
         return WorkItem(entry.session, pending.kind, pending.since_s)
 
     def _record_listen_wait(self, wait_s: float) -> None:
@@ -234,6 +248,8 @@ class Scheduler:
         finally:
             with self._cond:
                 self.stats.steps[item.kind.name] += 1
+                if item.kind is not WorkKind.LISTEN:
+                    self._generating -= 1
                 entry = self._entries.get(item.session.session_id)
                 if entry is not None:
                     entry.busy = False

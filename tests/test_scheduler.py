@@ -183,3 +183,20 @@ def test_executor_threads_never_run_two_steps_of_one_session_at_once():
     assert all(s.steps_left == 0 for s in sessions)
     assert max(s.max_inflight for s in sessions) == 1
     assert sched.stats.steps["GENERATE"] == 60
+
+
+def test_one_executor_stays_free_for_listen_steps_while_another_generates():
+    clock, log = FakeClock(), []
+    sched = _scheduler(clock, executors=2, max_sessions=3)
+    a, b = ScriptedSession("a", clock, log, steps=5), ScriptedSession("b", clock, log, steps=5)
+    listener = ScriptedSession("listener", clock, log)
+    for s in (a, b, listener):
+        sched.add(s)
+    first = sched.pick()  # a generation step now in flight on one executor
+    assert first is not None and first.kind is WorkKind.GENERATE
+    assert sched.pick() is None, "the second executor is kept for listening"
+    listener.push_chunk()
+    second = sched.pick()
+    assert second is not None and second.session is listener and second.kind is WorkKind.LISTEN
+    sched.run_item(first)
+    assert sched.pick().kind is WorkKind.GENERATE
