@@ -1,6 +1,7 @@
 """Speech data synthesis (`freeze-omni train data`): reproducible, held out, labelled as promised."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import fields, replace
 from pathlib import Path
@@ -193,3 +194,25 @@ def test_render_all_writes_whole_files_only(tmp_path):
     assert reused == 0 and [e.id for e in entries] == [s.id for s in specs]
     assert not list(tmp_path.rglob("*.tmp"))
     assert all((tmp_path / e.wav).stat().st_size == 44 + 2 * e.num_samples for e in entries)
+
+
+def test_a_bundled_bank_replaces_the_llm_run_on_another_machine(tmp_path, monkeypatch):
+    from training.data import synthesize as synth
+    from training.data.config import SIZES
+    from training.data.texts import TextBank
+
+    size = SIZES["small"]
+    monkeypatch.setattr(synth, "BANK_DIR", tmp_path / "banks")
+    for folder in ("banks", "out", "out2"):
+        (tmp_path / folder).mkdir()
+    settings = {"seed": 5, "size": "small", "texts": dataclasses.asdict(size.texts),
+                "llm_dir": "/home/someone/.cache/x/smollm2-135m-instruct-hf", "answer_max_tokens": size.answer_max_tokens}
+    bundled = TextBank(statements={"train": ["A bundled statement."]}, questions={"train": ["Why?"]},
+                       nonqueries={}, answers={"Why?": "Because."}, settings=settings)
+    bundled.save(synth.bundled_bank(size, 5))
+    # the LLM folder here does not exist: reaching the LLM would fail, so equality proves reuse
+    bank = synth.make_text_bank(tmp_path / "out", size, 5, Path("/nowhere/smollm2-135m-instruct-hf"))
+    assert bank.answers == {"Why?": "Because."}
+    assert (tmp_path / "out" / synth.TEXTS_NAME).is_file()  # a resumed run finds it in its own folder
+    with pytest.raises(Exception):  # another seed is not the bundled bank's: the LLM is needed
+        synth.make_text_bank(tmp_path / "out2", size, 6, Path("/nowhere/smollm2-135m-instruct-hf"))

@@ -34,6 +34,7 @@ from training.data.voices import HELD_OUT_LANGUAGE_VOICES, HELD_OUT_VARIANTS
 logger = logging.getLogger(__name__)
 
 TEXTS_NAME = "texts.json"
+BANK_DIR = Path(__file__).parent / "banks"
 PARTIAL_NAME = "manifest.partial.jsonl"
 
 
@@ -111,16 +112,31 @@ def render_all(out: Path, specs: list[UtteranceSpec], speakers: Speakers) -> tup
     return entries, reused
 
 
+def _same_texts(settings: dict, wanted: dict) -> bool:
+    """Equal settings; the LLM folder is compared by name (a cache path differs between machines)."""
+    def by_name(d: dict) -> dict:
+        return {**d, "llm_dir": Path(d["llm_dir"]).name if d.get("llm_dir") else None}
+    return by_name(settings) == by_name(wanted)
+
+
+def bundled_bank(size: DataSize, seed: int) -> Path:
+    """Where a committed text bank of this size and seed lives (the LLM part takes ~30 min on 2 cores)."""
+    return BANK_DIR / f"{size.name}-seed{seed}.{TEXTS_NAME}"
+
+
 def make_text_bank(out: Path, size: DataSize, seed: int, llm_dir: Path | None) -> TextBank:
-    """The run's texts: reused from `texts.json` when it was made with the same settings."""
+    """The run's texts: reused from `texts.json` (or the bundled bank) when made with the same settings."""
     settings = {"seed": seed, "size": size.name, "texts": asdict(size.texts),
                 "llm_dir": str(llm_dir) if llm_dir else None, "answer_max_tokens": size.answer_max_tokens}
     path = out / TEXTS_NAME
-    if path.is_file():
-        bank = TextBank.load(path)
-        if bank.settings == settings:
-            logger.info("texts reused from %s", path)
-            return bank
+    for source in (path, bundled_bank(size, seed)):
+        if source.is_file():
+            bank = TextBank.load(source)
+            if _same_texts(bank.settings, settings):
+                logger.info("texts reused from %s", source)
+                if source != path:
+                    bank.save(path)
+                return bank
     rng = np.random.default_rng([seed, 3])
     if llm_dir is None:
         bank = build_text_bank(size.texts, rng)
