@@ -1,0 +1,147 @@
+"""The session server over a real Unix socket with the tiny official model."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from assistant.server import ServerSettings
+from assistant.wire import WireConnection
+from tests.server_harness import (
+    AUDIO_IN, ask, ask_in_threads, question_pcm, running_server, start_session, tiny_engine,
+)
+
+N_SESSIONS = 8
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return tiny_engine(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def question(tiny_dir):
+    return question_pcm(tiny_dir)
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return tmp_path / "fo.sock"
+
+
+def test_describe_answers_info_with_audio_formats(engine, sock_path):
+    with running_server(engine, sock_path, max_sessions=3):
+        conn = WireConnection.connect(sock_path)
+        conn.send("describe")
+        info = conn.recv()
+        assert info.type == "info"
+        assert info.data["audio_in"] == AUDIO_IN
+        assert info.data["audio_out"] == {"rate": 24_000, "width": 2, "channels": 1}
+        assert info.data["sessions"] == {"active": 0, "max": 3}
+        conn.send("ping")
+        assert conn.recv().type == "pong"
+
+
+def test_eight_socket_sessions_each_get_exactly_their_lone_answer(engine, sock_path, question):
+    seeds = [10 + i for i in range(N_SESSIONS)]
+    with running_server(engine, sock_path, max_sessions=N_SESSIONS) as server:
+        alone = []
+        for seed in seeds:
+            conn = start_session(sock_path, seed=seed)
+            alone.append(ask(conn, question))
+            conn.close()
+        together = ask_in_threads(sock_path, question, seeds)
+        assert server.scheduler.stats.failures == 0
+    assert len({tuple(a.tokens) for a in alone}) > 1, "different seeds, different answers"
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert b.tokens == a.tokens, f"session {i} text tokens"
+        assert b.codec_tokens == a.codec_tokens and a.codec_tokens, f"session {i} codec tokens"
+        assert b.pcm == a.pcm, f"session {i} audio"
+        assert b.events.index("user-turn-ended") < b.events.index("speaking") < b.events.index("audio-chunk")
+
+
+def test_a_session_beyond_capacity_is_refused_and_the_others_go_on(engine, sock_path, question):
+    with running_server(engine, sock_path, max_sessions=1) as server:
+        first = start_session(sock_path, seed=1)
+        second = WireConnection.connect(sock_path)
+        second.send("session-start", {"turn_end": "client"})
+        refusal = second.recv()
+        assert refusal.type == "error" and refusal.data["code"] == "full"
+        assert "all 1 sessions are in use" in refusal.data["message"]
+        assert second.recv() is None, "the refused connection is closed"
+        assert ask(first, question).codec_tokens
+        first.close()
+        _wait(lambda: server.scheduler.session_count == 0)
+        third = start_session(sock_path, seed=1)  # room again once the first has left
+        third.close()
+        assert server.scheduler.stats.refused == 1
+
+
+def test_a_silent_client_is_dropped_after_the_keepalive_timeout_and_pings_keep_one_alive(engine, sock_path):
+    with running_server(engine, sock_path, keepalive_timeout_s=0.6) as server:
+        silent, pinging = start_session(sock_path), start_session(sock_path)
+        start = time.monotonic()
+        for _ in range(8):  # 1.6 s of pings every 0.2 s
+            pinging.send("ping")
+            time.sleep(0.2)
+        frame, _ = silent.recv_until("error", 5)
+        assert frame.data["code"] == "timeout" and time.monotonic() - start < 3
+        assert silent.recv() is None
+        pinging.send("ping")
+        assert pinging.recv_until("pong", 5)[0] is not None
+        assert server.stats.ended.get("timeout") == 1
+
+
+def test_reconnect_after_an_abrupt_disconnect_mid_answer(engine, sock_path, question):
+    with running_server(engine, sock_path, max_sessions=1) as server:
+        conn = start_session(sock_path, seed=5)
+        for pcm in question:
+            conn.send("audio-chunk", AUDIO_IN, pcm)
+        conn.send("turn-end")
+        assert conn.recv_until("speaking", 30)[0] is not None
+        conn.sock.shutdown(socket.SHUT_RDWR)  # vanish mid-answer
+        conn.close()
+        assert _wait(lambda: server.scheduler.session_count == 0), "the session was released"
+        again = start_session(sock_path, seed=5)
+        answer = ask(again, question)
+        again.close()
+        fresh = _fresh_answer(engine, sock_path, question, seed=5)
+    assert answer.tokens == fresh.tokens and answer.codec_tokens == fresh.codec_tokens
+    assert server.stats.ended.get("disconnected", 0) >= 1
+
+
+def _fresh_answer(engine, sock_path, question, seed):
+    sock_path = sock_path.with_name("fresh.sock")
+    with running_server(engine, sock_path):
+        conn = start_session(sock_path, seed=seed)
+        try:
+            return ask(conn, question)
+        finally:
+            conn.close()
+
+
+def test_tcp_off_localhost_needs_a_token(engine, tmp_path, question):
+    with pytest.raises(ValueError, match="set server.token"):
+        ServerSettings(tcp_enabled=True, tcp_host="0.0.0.0")
+    ServerSettings(tcp_enabled=True, tcp_host="127.0.0.1")  # local: no token needed
+    with running_server(engine, tmp_path / "t.sock", tcp_enabled=True, tcp_host="0.0.0.0", tcp_port=0,
+                        token="s3cret") as server:
+        address = f"127.0.0.1:{server.tcp_port}"
+        bad = WireConnection.connect(address)
+        bad.send("session-start", {"token": "guess"})
+        assert bad.recv().data["code"] == "unauthorized"
+        good = start_session(address, seed=3, token="s3cret")
+        assert ask(good, question).tokens
+        good.close()
+        local = start_session(tmp_path / "t.sock")  # the Unix socket needs no token
+        local.close()
+
+
+def _wait(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
