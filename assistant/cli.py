@@ -88,6 +88,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("devices", help="list audio devices (choose them by name substring)")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from assistant.serve import add_serve_arguments
+
+    p = sub.add_parser("serve", help="the models and the session server for network clients, headless")
+    _add_model_args(p, required=False)
+    add_serve_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeze-omni", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="verbose logging")
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_bench(sub)
     _add_run(sub)
+    _add_serve(sub)
     add_train_parsers(sub)
     add_eval_parsers(sub)
     add_config_parser(sub)
@@ -223,6 +232,32 @@ def run_run(args: argparse.Namespace) -> int:
     return run_daemon(config, load, reload_config=lambda: load_run_config(args).config, debug_logging=args.debug)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from assistant.config import ConfigError
+    from assistant.config_cli import print_problems
+    from assistant.observability import configure_logging
+    from assistant.run_daemon import load_run_config
+    from assistant.sd_notify import under_systemd
+    from assistant.serve import run_serve as serve, serve_assignments
+
+    args.set = list(args.set or []) + serve_assignments(args)
+    try:
+        config = load_run_config(args).config
+    except ConfigError as err:
+        print_problems(err)
+        return EXIT_BAD_INPUT
+    configure_logging(logging.DEBUG if args.debug else config.observability.log_level.upper(), under_systemd())
+
+    def load(config):
+        models = config.models
+        return _load_for_dialogue(argparse.Namespace(
+            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
+            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
+            quantization=models.quantization, device=models.device, dtype=models.dtype))
+
+    return serve(config, load)
+
+
 def run_devices() -> int:
     from assistant.run_daemon import EXIT_NO_AUDIO_DEVICE
     from audio_io.devices import NoAudioDeviceError, list_devices
@@ -275,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_respond(args)
         if args.command == "run":
             return run_run(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "devices":
             return run_devices()
         if args.command == "config":

@@ -68,6 +68,14 @@ class SchedulerConfig:
     """CPU threads for torch's intra-op work (0: torch's default)."""
     warmup_chunks: int = 2
     """Silent 160 ms chunks run through the models before the daemon reports ready."""
+    executors: int = 1
+    """`serve`: executor threads sharing one copy of the models, 1..64 (on CUDA each has its own stream)."""
+    reserved_listen_executors: int = 1
+    """`serve`: executors kept free of answer generation for listen steps (at most executors - 1)."""
+    max_sessions: int = 8
+    """`serve`: concurrent client sessions at most; one more is refused with an `error` event `full`."""
+    session_idle_timeout_s: float = 300.0
+    """`serve`: a session with no input or output for this long is closed."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,26 @@ class ServerConfig:
     """TCP port of the HTTP endpoint, 1..65535 (0: any free port, logged at start)."""
     drain_timeout_s: float = 5.0
     """SIGTERM: longest wait for the phrase being played to finish before exiting."""
+    socket_path: str | None = None
+    """`serve`: Unix socket for clients (None: $XDG_RUNTIME_DIR/freeze-omni.sock, else /tmp/freeze-omni-UID.sock)."""
+    tcp_enabled: bool = False
+    """`serve`: also listen on TCP (docs/PROTOCOL.md)."""
+    tcp_host: str = "127.0.0.1"
+    """`serve`: TCP address; any non-loopback address requires `token`."""
+    tcp_port: int = 10700
+    """`serve`: TCP port, 1..65535 (0: any free port, logged at start)."""
+    token: str = ""
+    """`serve`: secret TCP clients give in `session-start` (set it by environment, not on the command line)."""
+    max_payload_bytes: int = 65536
+    """`serve`: largest payload of one client event; larger ends that session."""
+    send_queue_events: int = 256
+    """`serve`: events queued for one client at most; audio beyond it is dropped and counted."""
+    max_dropped_events: int = 256
+    """`serve`: a client that has lost this many events is disconnected as a slow reader."""
+    keepalive_timeout_s: float = 30.0
+    """`serve`: a client that sends nothing (not even `ping`) for this long is disconnected."""
+    client_lead_s: float = 2.0
+    """`serve`: answer audio generated ahead of a client's playback at most."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,16 @@ RANGES: dict[str, tuple[float, float]] = {
     "scheduler.torch_threads": (0, 1024),
     "scheduler.warmup_chunks": (0, 1000),
     "server.drain_timeout_s": (0.0, 600.0),
+    "scheduler.executors": (1, 64),
+    "scheduler.reserved_listen_executors": (0, 63),
+    "scheduler.max_sessions": (1, 10_000),
+    "scheduler.session_idle_timeout_s": (1.0, 86_400.0),
+    "server.tcp_port": (0, 65535),
+    "server.max_payload_bytes": (1024, 16 * 1024 * 1024),
+    "server.send_queue_events": (8, 100_000),
+    "server.max_dropped_events": (1, 1_000_000),
+    "server.keepalive_timeout_s": (0.5, 3600.0),
+    "server.client_lead_s": (0.2, 60.0),
     "observability.status_interval_s": (0.1, 3600.0),
 }
 

@@ -300,9 +300,10 @@ class VoiceSession:
 
 def device_stream_context(device) -> Callable[[], ContextManager]:
     """Executor context: on CUDA each executor thread issues its work on its own stream."""
-    if getattr(device, "type", "cpu") != "cuda":
-        return contextlib.nullcontext
     import torch
+
+    if getattr(device, "type", "cpu") == "cpu" or not torch.cuda.is_available():
+        return contextlib.nullcontext
 
     def context() -> ContextManager:
         return torch.cuda.stream(torch.cuda.Stream(device))
