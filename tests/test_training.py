@@ -270,3 +270,11 @@ def test_sigterm_checkpoints_and_returns(tmp_path: Path) -> None:
 
 def step_fn_no_signal(model, x, y):
     return lambda step: (torch.nn.functional.mse_loss(model(x), y), {})
+
+
+def test_an_eval_limit_samples_every_kind_not_the_first_rows():
+    from training.eval import spread
+
+    rows = ["question"] * 6 + ["nonquery"] * 6  # the manifest groups kinds
+    assert spread(rows, 4) == ["question", "question", "nonquery", "nonquery"]
+    assert spread(rows, None) == rows and spread(rows, 99) == rows

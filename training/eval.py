@@ -38,13 +38,20 @@ def word_errors(hyp: list[str], ref: list[str]) -> int:
     return row[-1]
 
 
+def spread(entries: list, limit: int | None) -> list:
+    """`limit` entries evenly spaced over the list (the manifest is grouped by kind and voice)."""
+    if limit is None or limit >= len(entries):
+        return entries
+    return [entries[i * len(entries) // limit] for i in range(limit)]
+
+
 def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
     """WER over the test split's utterances that have text."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
     from training.transcribe import transcribe
 
-    entries = [e for e in read_manifest(data_dir, "test") if normalise_words(e.text)][:limit]
+    entries = spread([e for e in read_manifest(data_dir, "test") if normalise_words(e.text)], limit)
     errors = words = 0
     for entry in entries:
         ref = normalise_words(entry.text)
@@ -102,7 +109,7 @@ def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
     from training.data.manifest import read_manifest
     from training.features import load_wav
 
-    entries = [e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")][:limit]
+    entries = spread([e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")], limit)
     counts = {"question": [0, 0], "nonquery": [0, 0]}  # kind -> [in time, total]
     false_ends = pauses = 0
     for entry in entries:
