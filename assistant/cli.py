@@ -96,6 +96,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve_arguments(p)
 
 
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    from assistant.client import add_client_arguments
+
+    p = sub.add_parser("client", help="microphone and speaker on a remote `freeze-omni serve` (PyAudio)")
+    add_client_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeze-omni", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="verbose logging")
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_run(sub)
     _add_serve(sub)
+    _add_client(sub)
     add_train_parsers(sub)
     add_eval_parsers(sub)
     add_config_parser(sub)
@@ -312,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_run(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "client":
+            from assistant.client import run_client_command
+
+            return run_client_command(args)
         if args.command == "devices":
             return run_devices()
         if args.command == "config":
