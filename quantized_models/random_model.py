@@ -169,8 +169,9 @@ def _weight_norm_pair(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch
     return norm / math.sqrt(v[0].numel()), v
 
 
-def _write_codec(folder: Path, spec: RandomModelSpec, gen: torch.Generator) -> None:
-    cfg = dict(RELEASED_CODEC, n_codes=spec.codec_vocab)
+def _write_codec(folder: Path, spec: RandomModelSpec, gen: torch.Generator,
+                 overrides: dict | None = None) -> None:
+    cfg = dict(RELEASED_CODEC, n_codes=spec.codec_vocab, **(overrides or {}))
     cfg["global_tokens"] = [t % spec.codec_vocab for t in cfg["global_tokens"]]
     (folder / "model.json").write_text(json.dumps(cfg, indent=1))
     codec = CodecDecoder(CodecDims.from_model_json(folder / "model.json"))

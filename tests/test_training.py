@@ -6,6 +6,8 @@ the engine's streaming `listen_chunk` computes for the same weights.
 """
 from __future__ import annotations
 
+import json
+
 import csv
 from dataclasses import replace
 from pathlib import Path
@@ -173,6 +175,24 @@ def test_export_round_trips_through_the_strict_loader(chain: dict) -> None:
                                state["encoder.enc.1.after_norm.weight"], rtol=0, atol=0)
     torch.testing.assert_close(models.llm.heads.prompt_embeddings.weight, state["prompt_embeddings.weight"],
                                rtol=0, atol=0)
+
+
+def test_a_committed_speech_input_is_completed_into_a_loadable_model(chain: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from quantized_models.model_dir import load_models
+    from training.export import INFO_NAME, export_model_dir
+
+    committed = tmp_path / "committed"  # what the repository keeps: audiollm/ and TRAINING.json only
+    shutil.copytree(chain["model_dir"] / "audiollm", committed / "audiollm")
+    shutil.copy(chain["model_dir"] / INFO_NAME, committed / INFO_NAME)
+    out = export_model_dir(committed, tmp_path / "complete")
+    models = load_models(out, chain["llm_dir"], torch.device("cpu"), torch.float32)
+    state = load_result(chain["root"] / "run3")["state"]
+    torch.testing.assert_close(models.llm.heads.prompt_embeddings.weight, state["prompt_embeddings.weight"],
+                               rtol=0, atol=0)
+    assert json.loads((out / INFO_NAME).read_text())["stage"] == 3
+    assert sum(f.stat().st_size for f in (out / "codec").iterdir()) < 12e6  # the small placeholder
 
 
 def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:

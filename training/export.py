@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 INFO_NAME = "TRAINING.json"
 PLACEHOLDER_DECODER_ROWS = 4  # decoder rows per LLM vector, as in the release (3584 / 896)
+# The released codec's rates and token interface, at a width that keeps the noise placeholder small
+# instead of 62 MB (the model directory is meant to be committed)
+PLACEHOLDER_CODEC = {"upsample_initial_channel": 256, "resblock_kernel_sizes": [3],
+                     "resblock_dilation_sizes": [[1, 3, 5]]}
 
 
 def _placeholder_speech(model_dir: Path, llm_hidden: int, seed: int) -> None:
@@ -36,35 +40,50 @@ def _placeholder_speech(model_dir: Path, llm_hidden: int, seed: int) -> None:
     )
     gen = torch.Generator().manual_seed(seed)
     _write_decoder(model_dir / "decoder", spec, gen)
-    _write_codec(model_dir / "codec", spec, gen)
+    _write_codec(model_dir / "codec", spec, gen, PLACEHOLDER_CODEC)
 
 
 def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = None, seed: int = 0) -> Path:
     """Write `out` (released layout) from a stage result; returns `out`.
 
+    `result_path` may also be a model directory holding only `audiollm/` (how the trained speech
+    input is committed): it is copied and completed with the speech output.
+
     Raises:
         ValueError: the result is from stage 1 (no adapter or LLM-side modules yet).
     """
-    result = load_result(result_path)
-    cfg = result["train_yaml"]
-    if result["stage"] < 2 or "model_conf" not in cfg:
-        raise ValueError(f"{result_path}: a stage-{result['stage']} result has no adapter; run stage 2 first")
+    source = Path(result_path)
     for sub in ("audiollm", "decoder", "codec"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / "audiollm" / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    write_cmvn(result["cmvn"], out / "audiollm" / "global_cmvn")
-    save_atomic(result["state"], out / "audiollm" / "final.pt")
-    llm_hidden = int(cfg["model_conf"]["llm_embed_dim"])
+    if (source / "audiollm" / "final.pt").is_file():
+        if source.resolve() != out.resolve():
+            shutil.copytree(source / "audiollm", out / "audiollm", dirs_exist_ok=True)
+        info_file = source / INFO_NAME
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        cfg = yaml.safe_load((out / "audiollm" / "train.yaml").read_text())
+    else:
+        result = load_result(source)
+        cfg = result["train_yaml"]
+        if result["stage"] < 2 or "model_conf" not in cfg:
+            raise ValueError(f"{source}: a stage-{result['stage']} result has no adapter; run stage 2 first")
+        (out / "audiollm" / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+        write_cmvn(result["cmvn"], out / "audiollm" / "global_cmvn")
+        save_atomic(result["state"], out / "audiollm" / "final.pt")
+        info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
+    info["speech_output"] = _speech_output(out, int(cfg["model_conf"]["llm_embed_dim"]), speech_from, seed)
+    (out / INFO_NAME).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def _speech_output(out: Path, llm_hidden: int, speech_from: Path | None, seed: int) -> str:
+    """Fill `decoder/` and `codec/`; returns how, for TRAINING.json."""
     if speech_from is not None:
         for sub in ("decoder", "codec"):
             shutil.copytree(speech_from / sub, out / sub, dirs_exist_ok=True)
         if (speech_from / "server.json").is_file():
             shutil.copy(speech_from / "server.json", out / "server.json")
-        speech = f"copied from {speech_from}"
-    else:
-        _placeholder_speech(out, llm_hidden, seed)
-        speech = "random placeholder (speech output is not trained yet); answers are spoken as noise"
-        logger.warning("%s: decoder and codec are %s", out, speech)
-    info = {"stage": result["stage"], "speech_output": speech, "summary": result["extra"].get("summary", {})}
-    (out / INFO_NAME).write_text(json.dumps(info, indent=1))
-    return out
+        return f"copied from {speech_from}"
+    _placeholder_speech(out, llm_hidden, seed)
+    speech = "random placeholder (speech output is not trained yet); answers are spoken as noise"
+    logger.warning("%s: decoder and codec are %s", out, speech)
+    return speech

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The speech-input recipe (training issue part 1) as run for the committed model: data, stages 1-3,
+# export, evaluation. Every step resumes where it stopped when re-run with the same WORK folder.
+#   bash tools/train-speech-input.sh WORK_DIR [MODEL_OUT]
+# Step counts are sized for a 2-core CPU session (see training/README.md for times and results).
+set -euo pipefail
+WORK=${1:?usage: train-speech-input.sh WORK_DIR [MODEL_OUT]}
+OUT=${2:-$WORK/model}
+STAGE1_STEPS=${STAGE1_STEPS:-1000}
+STAGE2_STEPS=${STAGE2_STEPS:-700}
+STAGE3_STEPS=${STAGE3_STEPS:-450}
+mkdir -p "$WORK"
+[ -f "$WORK/data/manifest.jsonl" ] || freeze-omni train data --size full --seed 0 --out "$WORK/data"
+[ -f "$WORK/stage1/result.pt" ] || freeze-omni train stage1 --data "$WORK/data" --out "$WORK/stage1" \
+    --threads 2 --steps "$STAGE1_STEPS" --warmup-steps 100 --checkpoint-every 200
+[ -f "$WORK/stage2/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$WORK/stage1" \
+    --out "$WORK/stage2" --threads 2 --steps "$STAGE2_STEPS" --warmup-steps 50 --checkpoint-every 100
+[ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$WORK/stage2" \
+    --out "$WORK/stage3" --threads 2 --steps "$STAGE3_STEPS" --warmup-steps 30 --checkpoint-every 100
+freeze-omni train export --init "$WORK/stage3" --out "$OUT"
+freeze-omni eval asr --model-dir "$OUT" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
+freeze-omni eval states --model-dir "$OUT" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
+    | tee "$WORK/eval_states.json"
