@@ -6,9 +6,8 @@ the engine's streaming `listen_chunk` computes for the same weights.
 """
 from __future__ import annotations
 
-import json
-
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
