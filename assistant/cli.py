@@ -59,6 +59,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_device_args(p)
 
 
+def _add_bench_sessions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-sessions",
+                       help="sessions served in real time vs. executors; writes docs/BENCHMARKS.md")
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--llm-dir", type=Path, default=None)
+    p.add_argument("--random-model", choices=["mid", "official"], default=None,
+                   help="build (once) and measure a random-weight model of this size instead")
+    p.add_argument("--tokenizer-dir", type=Path, default=None, help="Qwen2 tokenizer for --random-model")
+    p.add_argument("--executors", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 2))
+    p.add_argument("--sessions", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 2, 4, 8, 16))
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (executors run in parallel)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per trial; the best is kept")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "freeze-omni")
+    p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
+    _add_device_args(p)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-onnx", help="export encoder+adapter, speech decoder and codec to ONNX")
     p.add_argument("--model-dir", type=Path, required=True)
@@ -110,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_respond(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_bench_sessions(sub)
     _add_run(sub)
     _add_serve(sub)
     _add_client(sub)
@@ -241,29 +259,9 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from assistant.config import ConfigError
-    from assistant.config_cli import print_problems
-    from assistant.observability import configure_logging
-    from assistant.run_daemon import load_run_config
-    from assistant.sd_notify import under_systemd
-    from assistant.serve import run_serve as serve, serve_assignments
+    from assistant.serve import run_serve_command
 
-    args.set = list(args.set or []) + serve_assignments(args)
-    try:
-        config = load_run_config(args).config
-    except ConfigError as err:
-        print_problems(err)
-        return EXIT_BAD_INPUT
-    configure_logging(logging.DEBUG if args.debug else config.observability.log_level.upper(), under_systemd())
-
-    def load(config):
-        models = config.models
-        return _load_for_dialogue(argparse.Namespace(
-            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
-            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
-            quantization=models.quantization, device=models.device, dtype=models.dtype))
-
-    return serve(config, load)
+    return run_serve_command(args, _load_for_dialogue)
 
 
 def run_devices() -> int:
@@ -320,6 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_run(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "bench-sessions":
+            from assistant.bench_sessions import run_from_args
+
+            args.device_obj, args.dtype_obj = _pick_device_and_dtype(args.device, args.dtype)
+            text, key = run_from_args(args)
+            print(text)
+            print(f"wrote section {key!r} of {args.out}")
+            return 0
         if args.command == "client":
             from assistant.client import run_client_command
 

@@ -261,7 +261,7 @@ def add_client_arguments(p: Any) -> None:
     p.add_argument("--token-env", default="FREEZE_OMNI_SERVER__TOKEN", metavar="VAR",
                    help="environment variable holding the server's token (never pass it on a command line)")
     p.add_argument("--turn-end", choices=["model", "client"], default="model",
-                   help="model: stream the microphone and let the server decide; client: a local VAD ends turns")
+                   help="model: stream the microphone, the server decides; client: a local VAD ends turns")
     p.add_argument("--input-device", default=None, help="substring of the microphone's name")
     p.add_argument("--output-device", default=None, help="substring of the speaker's name")
     p.add_argument("--no-aec", dest="aec_enabled", action="store_false", help="no echo cancellation")

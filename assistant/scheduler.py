@@ -268,8 +268,9 @@ class Scheduler:
         """Close the sessions idle for longer than the timeout; returns their ids."""
         now = self.clock.monotonic()
         with self._cond:
+            limit_s = self.settings.session_idle_timeout_s
             idle = [e.session for e in self._entries.values()
-                    if not e.busy and now - e.session.last_activity_s() > self.settings.session_idle_timeout_s]
+                    if not e.busy and now - e.session.last_activity_s() > limit_s]
             for session in idle:
                 self._entries.pop(session.session_id, None)
                 self.stats.idle_closed += 1

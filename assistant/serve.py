@@ -20,6 +20,8 @@ from assistant.server import ServerSettings, SessionServer
 
 logger = logging.getLogger(__name__)
 
+EXIT_BAD_CONFIG = 2  # as every other command's bad input
+
 
 def default_socket_path(env: dict | None = None) -> Path:
     env = dict(os.environ) if env is None else env
@@ -75,6 +77,34 @@ def serve_assignments(args: argparse.Namespace) -> list[str]:
     if args.max_sessions is not None:
         out.append(f"scheduler.max_sessions={args.max_sessions}")
     return out
+
+
+def run_serve_command(args: argparse.Namespace,
+                      load_for_dialogue: Callable[[argparse.Namespace], Any]) -> int:
+    """`freeze-omni serve` from parsed arguments; `load_for_dialogue` is the CLI's model loader."""
+    from assistant.config import ConfigError
+    from assistant.config_cli import print_problems
+    from assistant.observability import configure_logging
+    from assistant.run_daemon import load_run_config
+    from assistant.sd_notify import under_systemd
+
+    args.set = list(args.set or []) + serve_assignments(args)
+    try:
+        config = load_run_config(args).config
+    except ConfigError as err:
+        print_problems(err)
+        return EXIT_BAD_CONFIG
+    level = logging.DEBUG if args.debug else config.observability.log_level.upper()
+    configure_logging(level, under_systemd())
+
+    def load(config: AssistantConfig) -> Any:
+        models = config.models
+        return load_for_dialogue(argparse.Namespace(
+            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
+            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
+            quantization=models.quantization, device=models.device, dtype=models.dtype))
+
+    return run_serve(config, load)
 
 
 def build_server(config: AssistantConfig, models: Any) -> SessionServer:

@@ -209,9 +209,9 @@ class Connection:
     def _start_session(self, data: dict) -> None:
         if self.session is not None:
             raise ProtocolError("bad-frame", "session already started")
-        token = data.get("token", "")
-        if self.needs_token and not (isinstance(token, str) and
-                                     hmac.compare_digest(token.encode(), self.server.settings.token.encode())):
+        token, expected = data.get("token", ""), self.server.settings.token
+        valid = isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode())
+        if self.needs_token and not valid:
             raise ProtocolError("unauthorized", "a valid token is required on this address")
         try:
             turn_end = TurnEndMode(data.get("turn_end", "model"))
@@ -225,7 +225,8 @@ class Connection:
         except SchedulerFull as err:
             self.server.stats.refused += 1
             raise ProtocolError("full", str(err)) from err
-        self.send_threadsafe("session-started", {"session_id": self.session.session_id, **self.server.formats()})
+        started = {"session_id": self.session.session_id, **self.server.formats()}
+        self.send_threadsafe("session-started", started)
         self.send_threadsafe("listening", {})
 
     def _audio(self, payload: bytes) -> None:

@@ -32,6 +32,9 @@ OUTPUT_RATE_HZ = 24_000
 OUT_FRAME_SAMPLES = 4_800
 """Largest PCM payload sent in one audio event (200 ms at 24 kHz)."""
 
+UNDERRUN_GAP_S = 0.02
+"""A pause in the answer audio longer than this (the client had nothing to play) is an underrun."""
+
 Send = Callable[[str, dict, bytes], None]
 
 
@@ -62,6 +65,8 @@ class _Playback:
 
     sent_samples: int = 0
     started_at_s: float | None = None
+    underruns: int = 0
+    """Times the client's buffer ran dry for more than `UNDERRUN_GAP_S` before more audio came."""
     reported_samples: int | None = None
     """Samples the client says it has played (its `played` events), when it reports them."""
 
@@ -71,6 +76,9 @@ class _Playback:
         return max(0.0, self.sent_samples / OUTPUT_RATE_HZ - (now_s - self.started_at_s))
 
     def on_sent(self, samples: int, now_s: float) -> None:
+        if self.started_at_s is not None:
+            starved_s = (now_s - self.started_at_s) - self.sent_samples / OUTPUT_RATE_HZ
+            self.underruns += int(starved_s > UNDERRUN_GAP_S)
         if self.started_at_s is None or self.lead_s(now_s) <= 0.0:
             # nothing queued at the client: its playback (re)starts with this audio
             self.started_at_s = now_s - self.sent_samples / OUTPUT_RATE_HZ
@@ -99,7 +107,8 @@ class VoiceSession:
 
     def __init__(self, session_id: str, conversation: Conversation, send: Send,
                  settings: VoiceSessionSettings, clock: Clock | None = None,
-                 on_close: Callable[[str], None] | None = None, wake: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[str], None] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
         self.session_id = session_id
         self.conv = conversation
         self.settings = settings
@@ -117,6 +126,11 @@ class VoiceSession:
         self.closed_reason: str | None = None
         self.answers: list[AnswerRecord] = []
         self.dropped_chunks = 0
+
+    @property
+    def underruns(self) -> int:
+        """Underruns of the current (or last) answer, as the client would have heard them."""
+        return self._playback.underruns
 
     # -- client input (any thread) ------------------------------------------------------
     def push_audio(self, chunk: np.ndarray) -> None:

@@ -18,8 +18,9 @@ from tests.server_harness import ask, question_pcm
 
 EXAMPLE = REPO_ROOT / "systemd" / "config.example.yaml"
 SERVE_KEYS = {"scheduler.executors", "scheduler.reserved_listen_executors", "scheduler.max_sessions",
-              "scheduler.session_idle_timeout_s", "server.socket_path", "server.tcp_enabled", "server.tcp_host",
-              "server.tcp_port", "server.token", "server.max_payload_bytes", "server.send_queue_events",
+              "scheduler.session_idle_timeout_s", "server.socket_path", "server.tcp_enabled",
+              "server.tcp_host", "server.tcp_port", "server.token", "server.max_payload_bytes",
+              "server.send_queue_events",
               "server.max_dropped_events", "server.keepalive_timeout_s", "server.client_lead_s"}
 
 
@@ -40,10 +41,12 @@ def test_serve_keys_are_configurable_and_documented_in_the_example():
 def _serve_cmd(tiny_dir, *extra: str) -> list[str]:
     return [sys.executable, "-m", "assistant.cli", "serve", "--model-dir", str(tiny_dir / "checkpoints"),
             "--llm-dir", str(tiny_dir / "llm"), "--device", "cpu", "--set", "dialogue.max_answer_tokens=6",
-            "--set", "dialogue.max_speech_tokens_per_segment=30", "--set", "scheduler.torch_threads=1", *extra]
+            "--set", "dialogue.max_speech_tokens_per_segment=30", "--set", "scheduler.torch_threads=1",
+            *extra]
 
 
-def test_a_non_local_tcp_bind_without_a_token_is_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_a_non_local_tcp_bind_without_a_token_is_refused_before_loading(tiny_dir, tmp_path, capsys,
+                                                                        monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     start = time.monotonic()
     assert main(_serve_cmd(tiny_dir, "--socket", str(tmp_path / "s.sock"), "--tcp", "0.0.0.0:0")[3:]) == 2

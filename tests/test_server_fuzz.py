@@ -86,7 +86,8 @@ def _throw(address, stop_at: float, seed: int, counts: dict, lock: threading.Loc
             counts["frames"] += 1 + payload.count(b"\n")
 
 
-def test_thousands_of_malformed_frames_leave_the_server_and_a_healthy_session_unharmed(engine, tmp_path, question):
+def test_thousands_of_malformed_frames_leave_the_server_and_a_healthy_session_unharmed(engine, tmp_path,
+                                                                                        question):
     path = tmp_path / "fz.sock"
     with running_server(engine, path, max_sessions=64, max_payload_bytes=MAX_PAYLOAD,
                         keepalive_timeout_s=3.0) as server:
@@ -125,7 +126,8 @@ def test_thousands_of_malformed_frames_leave_the_server_and_a_healthy_session_un
 def test_a_slow_reader_loses_audio_and_is_disconnected_while_others_are_served(engine, tmp_path, question):
     long_answers = Engine(engine.models, EngineOptions(max_new_tokens=24, max_speech_tokens=120))
     path = tmp_path / "slow.sock"
-    with running_server(long_answers, path, max_sessions=2, send_queue_events=8, max_dropped_events=8) as server:
+    with running_server(long_answers, path, max_sessions=2, send_queue_events=8,
+                        max_dropped_events=8) as server:
         slow = WireConnection.connect(path)
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.send("session-start", {"turn_end": "client", "seed": 1})
