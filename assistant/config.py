@@ -75,7 +75,7 @@ class SchedulerConfig:
     max_sessions: int = 8
     """`serve`: concurrent client sessions at most; one more is refused with an `error` event `full`."""
     session_idle_timeout_s: float = 300.0
-    """`serve`: a session with no input or output for this long is closed."""
+    """`serve`: a session with no audio in or out (pings do not count) for this long is closed."""
 
 
 @dataclass(frozen=True)

@@ -176,8 +176,6 @@ class Connection:
             except ProtocolError as err:
                 self.end("error", err.code, str(err))
                 return
-            if self.session is not None:
-                self.session.touch()
 
     def _handle(self, frame: Frame) -> None:
         kind = frame.type

@@ -154,11 +154,6 @@ class VoiceSession:
             self._touch()
             self._playback.reported_samples = max(0, int(samples))
 
-    def touch(self) -> None:
-        """Any client event (a ping too) counts as activity."""
-        with self._lock:
-            self._touch()
-
     def _touch(self) -> None:
         self._last_activity = self.clock.monotonic()
 

@@ -145,3 +145,54 @@ def _wait(predicate, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def test_barge_in_cuts_the_answer_and_answers_the_interruption(engine, sock_path, question):
+    from assistant.engine import Engine, EngineOptions
+
+    long_answers = Engine(engine.models, EngineOptions(max_new_tokens=24, max_speech_tokens=120))
+    with running_server(long_answers, sock_path, max_lead_s=0.5):  # generation paced by playback
+        conn = start_session(sock_path, seed=5)
+        for pcm in question:
+            conn.send("audio-chunk", AUDIO_IN, pcm)
+        conn.send("turn-end")
+        first, before = conn.recv_until("audio-chunk", 30)
+        assert first is not None and "speaking" in [f.type for f in before]
+        time.sleep(0.3)
+        for pcm in question:  # the user talks over the answer, then ends the turn
+            conn.send("audio-chunk", AUDIO_IN, pcm)
+        conn.send("turn-end")
+        cut, frames = conn.recv_until("interrupted", 30)
+        assert cut is not None, [f.type for f in frames]
+        received = len(first.payload) // 2 + sum(len(f.payload) // 2 for f in frames if f.type == "audio-chunk")
+        assert 0 < cut.data["played_samples"] <= received
+        assert "answer-done" not in [f.type for f in frames], "the answer was still going"
+        turn, _ = conn.recv_until("user-turn-ended", 10)
+        assert turn.data == {"decision": "respond", "by": "barge-in"}
+        assert conn.recv_until("speaking", 30)[0] is not None, "the interruption is answered"
+        conn.close()
+
+
+def test_an_idle_session_is_closed_with_a_reason(engine, sock_path):
+    from assistant.conversation import Conversation
+    from assistant.scheduler import Scheduler, SchedulerSettings
+    from assistant.server import ServerThread, SessionServer
+
+    sched = Scheduler(SchedulerSettings(max_sessions=2, session_idle_timeout_s=0.5, idle_poll_s=0.005))
+    sched_reap_every_s = 1.0  # the executors look for idle sessions once a second
+    server = SessionServer(ServerSettings(socket_path=str(sock_path)), sched, lambda s: Conversation(engine, s))
+    thread = ServerThread(server)
+    sched.start()
+    thread.start()
+    try:
+        conn = start_session(sock_path)
+        start = time.monotonic()
+        for _ in range(3):
+            conn.send("ping")  # keeps the connection, not the session
+            time.sleep(0.1)
+        end, _ = conn.recv_until("error", 10)
+        assert end.data["code"] == "idle" and time.monotonic() - start < 0.5 + sched_reap_every_s + 1
+        assert _wait(lambda: sched.session_count == 0)
+    finally:
+        thread.stop()
+        sched.stop()
