@@ -174,16 +174,24 @@ def run_daemon(config: AssistantConfig, load_models: Callable[[AssistantConfig],
     try:
         notifier.status("loading models")
         conversation = _warm_conversation(config, load_models, telemetry, notifier)
+        from assistant.serve import start_background_server
+
+        # network sessions share the loaded models; the local microphone is one more session
+        stop_sessions = start_background_server(config, conversation.engine.models)
         try:
             audio = open_audio(config.daemon_settings())
         except NoAudioDeviceError as err:
             logger.error("%s", err)
+            if stop_sessions is not None:
+                stop_sessions()
             return EXIT_NO_AUDIO_DEVICE
         try:
             return _serve(config, conversation, audio, notifier, health, telemetry, reload_config,
                           debug_logging)
         finally:
             audio.close()
+            if stop_sessions is not None:
+                stop_sessions()
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -124,6 +124,26 @@ def build_server(config: AssistantConfig, models: Any) -> SessionServer:
     return SessionServer(server_settings(config), scheduler, make_conversation)
 
 
+def start_background_server(config: AssistantConfig, models: Any) -> Callable[[], None] | None:
+    """`freeze-omni run` with `server.socket_path` set or `server.tcp_enabled`: serve network sessions
+    beside the local one, on the same models; returns the function that stops them (None: not configured).
+    """
+    from assistant.server import ServerThread
+
+    if not config.server.socket_path and not config.server.tcp_enabled:
+        return None
+    server = build_server(config, models)
+    server.scheduler.start()
+    thread = ServerThread(server).start()
+    logger.info("serving network sessions beside the local one")
+
+    def stop() -> None:
+        thread.stop()
+        server.scheduler.stop()
+
+    return stop
+
+
 def run_serve(config: AssistantConfig, load_models: Callable[[AssistantConfig], Any]) -> int:
     """Load, serve until SIGTERM/SIGINT; returns the exit status."""
     import torch

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from assistant.cli import main
@@ -81,3 +82,31 @@ def test_serve_answers_a_client_on_its_socket_and_exits_cleanly_on_sigterm(tiny_
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_run_serves_network_sessions_beside_the_local_one_only_when_configured(tiny_dir, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from assistant.config import AssistantConfig
+    from assistant.daemon_config import DialogueSettings
+    from assistant.serve import start_background_server
+    from quantized_models.model_dir import load_models
+
+    models = load_models(tiny_dir / "checkpoints", tiny_dir / "llm", torch.device("cpu"), torch.float32)
+    assert start_background_server(AssistantConfig(), models) is None, "off unless a socket or TCP is set"
+    sock = tmp_path / "run.sock"
+    config = AssistantConfig(server=dataclasses.replace(AssistantConfig().server, socket_path=str(sock)),
+                             dialogue=DialogueSettings(max_answer_tokens=6, max_speech_tokens_per_segment=30))
+    stop = start_background_server(config, models)
+    try:
+        conn = WireConnection.connect(sock)
+        conn.send("session-start", {"turn_end": "client", "seed": 2})
+        assert conn.recv(10).type == "session-started"
+        assert ask(conn, question_pcm(tiny_dir)).codec_tokens
+        conn.close()
+    finally:
+        stop()
+    with pytest.raises(OSError):
+        WireConnection.connect(sock)  # stopped: nobody listens any more
