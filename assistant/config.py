@@ -89,7 +89,7 @@ class ServerConfig:
     drain_timeout_s: float = 5.0
     """SIGTERM: longest wait for the phrase being played to finish before exiting."""
     socket_path: str | None = None
-    """`serve`: Unix socket for clients (None: $XDG_RUNTIME_DIR/freeze-omni.sock, else /tmp/freeze-omni-UID.sock)."""
+    """`serve`: Unix socket for clients (None: $XDG_RUNTIME_DIR/freeze-omni.sock, else /tmp)."""
     tcp_enabled: bool = False
     """`serve`: also listen on TCP (docs/PROTOCOL.md)."""
     tcp_host: str = "127.0.0.1"
@@ -97,7 +97,7 @@ class ServerConfig:
     tcp_port: int = 10700
     """`serve`: TCP port, 1..65535 (0: any free port, logged at start)."""
     token: str = ""
-    """`serve`: secret TCP clients give in `session-start` (set it by environment, not on the command line)."""
+    """`serve`: secret TCP clients give in `session-start` (set it by environment, not by flag)."""
     max_payload_bytes: int = 65536
     """`serve`: largest payload of one client event; larger ends that session."""
     send_queue_events: int = 256

@@ -189,6 +189,12 @@ class Scheduler:
         with self._cond:
             return len(self._entries)
 
+    def drained(self) -> bool:
+        """No step in flight and no session with anything to do now."""
+        now = self.clock.monotonic()
+        with self._cond:
+            return all(not e.busy and e.session.pending(now) is None for e in self._entries.values())
+
     def notify(self) -> None:
         """A session has new input: wake an idle executor."""
         with self._cond:

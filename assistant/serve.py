@@ -21,6 +21,7 @@ from assistant.server import ServerSettings, SessionServer
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_CONFIG = 2  # as every other command's bad input
+CHUNK_MS = 160  # one listen step
 
 
 def default_socket_path(env: dict | None = None) -> Path:
@@ -46,7 +47,8 @@ def server_settings(config: AssistantConfig) -> ServerSettings:
         tcp_enabled=s.tcp_enabled, tcp_host=s.tcp_host, tcp_port=s.tcp_port, token=s.token,
         max_payload_bytes=s.max_payload_bytes, send_queue_events=s.send_queue_events,
         max_dropped_events=s.max_dropped_events, keepalive_timeout_s=s.keepalive_timeout_s,
-        max_lead_s=s.client_lead_s)
+        max_lead_s=s.client_lead_s,
+        min_barge_in_chunks=-(-config.dialogue.min_barge_in_ms // CHUNK_MS))
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -56,6 +56,8 @@ class ServerSettings:
     """A client silent (not even `ping`) for this long is disconnected."""
     max_lead_s: float = 2.0
     """Audio generated ahead of a client's playback at most (seconds)."""
+    min_barge_in_chunks: int = 3
+    """`turn_end: model`: interruptions shorter than this many 160 ms chunks are ignored."""
 
     def __post_init__(self) -> None:
         if self.tcp_enabled and not self.token and not _is_loopback(self.tcp_host):
@@ -266,7 +268,8 @@ class SessionServer:
 
     def open_session(self, conn: Connection, turn_end: TurnEndMode, seed: int | None) -> VoiceSession:
         session_id = f"s{next(self._ids)}"
-        settings = VoiceSessionSettings(turn_end=turn_end, max_lead_s=self.settings.max_lead_s, seed=seed)
+        settings = VoiceSessionSettings(turn_end=turn_end, max_lead_s=self.settings.max_lead_s, seed=seed,
+                                        min_barge_in_chunks=self.settings.min_barge_in_chunks)
 
         def on_close(reason: str) -> None:  # from an executor: idle timeout or a failed step
             code = "idle" if reason == "idle timeout" else "internal-error"

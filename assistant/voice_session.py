@@ -52,6 +52,8 @@ class VoiceSessionSettings:
     """Generation runs ahead of the client's playback by at most this much audio (seconds)."""
     inbox_chunks: int = 64
     """Unheard 160 ms chunks buffered at most (10 s); more is a client sending too fast."""
+    min_barge_in_chunks: int = 3
+    """`turn_end: model`: an interruption answered after fewer chunks than this is ignored (480 ms)."""
     seed: int | None = None
     role: str | None = None
 
@@ -119,6 +121,7 @@ class VoiceSession:
         self._answer_requested = False
         self._answering = False
         self._forked = False
+        self._fork_chunks = 0
         self._playback = _Playback()
         self._record = AnswerRecord()
         self._speech_seen: tuple[int, int] = (0, 0)
@@ -165,10 +168,12 @@ class VoiceSession:
         with self._lock:
             if self.closed_reason is not None:
                 return None
+            if self._answer_requested:
+                # the answer starts before this session hears more: later audio is a barge-in
+                # candidate against that answer (a fork needs an answer to cut)
+                return Pending(WorkKind.GENERATE, lead_s=0.0)
             if self._inbox:
                 return Pending(WorkKind.LISTEN, since_s=self._inbox[0][1])
-            if self._answer_requested:
-                return Pending(WorkKind.GENERATE, lead_s=0.0)
             if self._answering:
                 lead = self._playback.lead_s(now_s)
                 if lead < self.settings.max_lead_s:
@@ -209,11 +214,15 @@ class VoiceSession:
         if speaking:
             if not self._forked:
                 self.conv.begin_barge_in()
-                self._forked = True
+                self._forked, self._fork_chunks = True, 0
             decision = self.conv.barge_in_listen(item, follow)
-            if follow and decision is Decision.RESPOND:
+            self._fork_chunks += 1
+            long_enough = self._fork_chunks >= self.settings.min_barge_in_chunks
+            if follow and decision is Decision.RESPOND and long_enough:
                 self._barge_in()
-            elif follow and decision is Decision.IGNORE:
+            elif follow and decision is not Decision.CONTINUE:
+                # ignored, or too short to be an interruption (a cough, a burst of echo): keep its
+                # words for the context, as the daemon does, and let the answer go on
                 self.conv.drop_barge_in()
                 self._forked = False
             return

@@ -200,3 +200,15 @@ def test_one_executor_stays_free_for_listen_steps_while_another_generates():
     assert second is not None and second.session is listener and second.kind is WorkKind.LISTEN
     sched.run_item(first)
     assert sched.pick().kind is WorkKind.GENERATE
+
+
+def test_drained_once_nothing_is_pending_or_in_flight():
+    clock = FakeClock()
+    sched = _scheduler(clock, max_sessions=1)
+    s = ScriptedSession("s", clock, [], steps=1)
+    sched.add(s)
+    assert not sched.drained()
+    item = sched.pick()
+    assert not sched.drained(), "its last step is still in flight"
+    sched.run_item(item)
+    assert sched.drained()

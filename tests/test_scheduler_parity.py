@@ -16,6 +16,7 @@ from assistant.scheduler import Scheduler, SchedulerSettings
 from assistant.voice_session import TurnEndMode, VoiceSession, VoiceSessionSettings
 from quantized_models.model_dir import load_models
 from quantized_models.sampling import TextSamplingConfig
+from tests.fakes import FakeClock
 
 N_SESSIONS = 8
 CHUNK_PERIOD_S = 0.16
@@ -130,3 +131,47 @@ def test_listen_step_is_served_within_one_chunk_period_while_others_generate(eng
     assert still_speaking > 0, "the listener was measured while answers were being generated"
     assert len(waits) >= 2 * len(question)
     assert max(waits) < CHUNK_PERIOD_S, f"listen waits {sorted(waits)[-3:]}"
+
+
+def _model_mode_run(engine, streams: list[list[np.ndarray]], seeds: list[int], executors: int) -> list[list]:
+    """Sessions whose state head ends turns; every chunk is queued before the executors start,
+    so each session hears all its audio in order before its own generation steps (listen first)."""
+    # What a client has played decides where a barge-in cuts the answer: a clock that stands still
+    # makes it an input (nothing played) instead of a race with the wall clock.
+    still = FakeClock()
+    sched = Scheduler(SchedulerSettings(executors=executors, max_sessions=len(streams), idle_poll_s=0.005),
+                      clock=still)
+    settings = VoiceSessionSettings(turn_end=TurnEndMode.MODEL, max_lead_s=1e9)
+    outs = [Outbox() for _ in streams]
+    sessions = [VoiceSession(f"m{i}", Conversation(engine, seed=seeds[i]), outs[i], settings, clock=still,
+                             wake=sched.notify) for i in range(len(streams))]
+    for session, stream in zip(sessions, streams):
+        sched.add(session)
+        for chunk in stream:
+            session.push_audio(chunk)
+    if executors == 1:
+        while sched.run_one():
+            pass
+    else:
+        sched.start()
+        try:
+            assert _wait(sched.drained, 60)
+        finally:
+            sched.stop()
+    assert sched.stats.failures == 0, [s.closed_reason for s in sessions]
+    return [[(k, d.get("decision"), d.get("tokens"), d.get("codec_tokens")) for k, d, _ in out.events
+             if k != "audio-chunk"] for out in outs]
+
+
+def test_model_turn_ends_and_barge_in_forks_are_the_same_concurrently(engine, question):
+    # Loud noise then the question: the random state head decides somewhere; whatever it decides,
+    # each session's events must not depend on the other sessions.
+    gen = np.random.default_rng(1)
+    streams = [[(0.2 * gen.standard_normal(2560)).astype(np.float32) for _ in range(3 + i)] + question * 2
+               for i in range(4)]
+    seeds = [200 + i for i in range(len(streams))]
+    alone = [_model_mode_run(engine, [s], [seed], executors=1)[0] for s, seed in zip(streams, seeds)]
+    together = _model_mode_run(engine, streams, seeds, executors=2)
+    assert together == alone
+    kinds = [k for events in alone for k, *_ in events]
+    assert {"user-turn-ended", "speaking", "interrupted", "answer-done"} <= set(kinds), kinds

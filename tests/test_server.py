@@ -164,7 +164,7 @@ def test_barge_in_cuts_the_answer_and_answers_the_interruption(engine, sock_path
         conn.send("turn-end")
         cut, frames = conn.recv_until("interrupted", 30)
         assert cut is not None, [f.type for f in frames]
-        received = len(first.payload) // 2 + sum(len(f.payload) // 2 for f in frames if f.type == "audio-chunk")
+        received = (len(first.payload) + sum(len(f.payload) for f in frames if f.type == "audio-chunk")) // 2
         assert 0 < cut.data["played_samples"] <= received
         assert "answer-done" not in [f.type for f in frames], "the answer was still going"
         turn, _ = conn.recv_until("user-turn-ended", 10)
@@ -180,7 +180,8 @@ def test_an_idle_session_is_closed_with_a_reason(engine, sock_path):
 
     sched = Scheduler(SchedulerSettings(max_sessions=2, session_idle_timeout_s=0.5, idle_poll_s=0.005))
     sched_reap_every_s = 1.0  # the executors look for idle sessions once a second
-    server = SessionServer(ServerSettings(socket_path=str(sock_path)), sched, lambda s: Conversation(engine, s))
+    server = SessionServer(ServerSettings(socket_path=str(sock_path)), sched,
+                           lambda seed: Conversation(engine, seed))
     thread = ServerThread(server)
     sched.start()
     thread.start()
