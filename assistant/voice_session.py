@@ -143,6 +143,9 @@ class VoiceSession:
             if len(self._inbox) >= self.settings.inbox_chunks:
                 self._inbox.popleft()
                 self.dropped_chunks += 1
+                if self.dropped_chunks == 1:  # once: a client sending faster than real time
+                    logger.warning("session %s: audio arrives faster than it is heard; dropping the oldest",
+                                   self.session_id)
             self._inbox.append((chunk, self.clock.monotonic()))
         self._wake()
 

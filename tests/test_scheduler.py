@@ -212,3 +212,33 @@ def test_drained_once_nothing_is_pending_or_in_flight():
     assert not sched.drained(), "its last step is still in flight"
     sched.run_item(item)
     assert sched.drained()
+
+
+def test_voice_session_keeps_the_newest_audio_when_a_client_sends_too_fast():
+    import numpy as np
+
+    from assistant.voice_session import VoiceSession, VoiceSessionSettings
+
+    clock = FakeClock()
+    session = VoiceSession("v", None, lambda *a: None, VoiceSessionSettings(inbox_chunks=4), clock=clock)
+    for i in range(6):
+        clock.now = float(i)
+        session.push_audio(np.zeros(2560, dtype=np.float32))
+    assert session.dropped_chunks == 2
+    pending = session.pending(clock.now)
+    assert pending.kind is WorkKind.LISTEN and pending.since_s == 2.0, "the two oldest were dropped"
+
+
+def test_playback_estimate_gives_lead_and_counts_underruns():
+    from assistant.voice_session import _Playback
+
+    pb = _Playback()
+    assert pb.lead_s(0.0) == 0.0
+    pb.on_sent(24_000, now_s=10.0)  # 1 s of audio at t=10
+    assert pb.lead_s(10.25) == pytest.approx(0.75) and pb.played(10.25) == 6_000
+    pb.on_sent(24_000, now_s=10.5)  # in time: no underrun
+    assert pb.underruns == 0 and pb.lead_s(10.5) == pytest.approx(1.5)
+    pb.on_sent(4_800, now_s=12.5)  # 0.5 s late: the client ran dry
+    assert pb.underruns == 1 and pb.lead_s(12.5) == pytest.approx(0.2)
+    pb.reported_samples = 30_000
+    assert pb.played(12.5) == 30_000, "the client's own report wins"
