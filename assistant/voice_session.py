@@ -32,6 +32,8 @@ OUTPUT_RATE_HZ = 24_000
 OUT_FRAME_SAMPLES = 4_800
 """Largest PCM payload sent in one audio event (200 ms at 24 kHz)."""
 
+ANSWERS_KEPT = 8
+"""Records of the last answers a session keeps (an always-on session must not grow)."""
 UNDERRUN_GAP_S = 0.02
 """A pause in the answer audio longer than this (the client had nothing to play) is an underrun."""
 
@@ -127,7 +129,7 @@ class VoiceSession:
         self._speech_seen: tuple[int, int] = (0, 0)
         self._last_activity = self.clock.monotonic()
         self.closed_reason: str | None = None
-        self.answers: list[AnswerRecord] = []
+        self.answers: deque[AnswerRecord] = deque(maxlen=ANSWERS_KEPT)
         self.dropped_chunks = 0
 
     @property

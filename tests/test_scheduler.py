@@ -242,3 +242,13 @@ def test_playback_estimate_gives_lead_and_counts_underruns():
     assert pb.underruns == 1 and pb.lead_s(12.5) == pytest.approx(0.2)
     pb.reported_samples = 30_000
     assert pb.played(12.5) == 30_000, "the client's own report wins"
+
+
+def test_executors_on_cpu_need_no_stream():
+    import contextlib
+
+    import torch
+
+    from assistant.voice_session import device_stream_context
+
+    assert device_stream_context(torch.device("cpu")) is contextlib.nullcontext
