@@ -72,6 +72,8 @@ class ClientCounters:
     failures: int = 0
     answers: int = 0
     interruptions: int = 0
+    refused_full: int = 0
+    """Session starts refused because the server was full."""
 
 
 class _Receiver(threading.Thread):
@@ -177,6 +179,7 @@ class Client:
             return "the server closed the connection"
         if started.type != "session-started":
             self.last_end_code = started.data.get("code")
+            self.counters.refused_full += int(self.last_end_code == "full")
             return f"session refused: {started.data.get('code')}: {started.data.get('message')}"
         conn.sock.settimeout(None)  # the receiver blocks on reads; sends block only if the server stalls
         self.backoff.reset()

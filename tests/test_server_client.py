@@ -154,3 +154,25 @@ def test_client_reconnects_with_backoff_when_the_server_goes_away(engine, questi
     assert sleeps[:4] == [0.5, 1.0, 2.0, 4.0]
     assert sleeps[failures_before] == 0.5, "a successful session resets the backoff"
     assert answers[0]["tokens"] and not thread.is_alive()
+
+
+def test_a_client_refused_as_full_backs_off_and_gets_in_when_a_place_frees(engine, question, tmp_path):
+    path = tmp_path / "f.sock"
+    audio, sleeps, answers, stop = FakeAudio(question), [], [], threading.Event()
+    with running_server(engine, path, max_sessions=1) as server:
+        occupant = start_session(path, seed=1)
+        client = _client(path, audio, 4, sleeps, answers)
+        thread = threading.Thread(target=client.run, args=(stop.is_set,))
+        thread.start()
+        try:
+            assert _wait(lambda: len(sleeps) >= 3), "refused, and retrying with backoff"
+            assert client.counters.refused_full >= 3
+            occupant.close()
+            assert _wait(lambda: server.stats.sessions_started == 2 and server.scheduler.session_count == 1), \
+                "the client got the freed place"
+            audio.arm()
+            assert _wait(lambda: answers), "and is answered"
+        finally:
+            stop.set()
+            thread.join(10)
+    assert sleeps[:3] == [0.5, 1.0, 2.0] and server.stats.refused >= 3
