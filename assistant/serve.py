@@ -12,7 +12,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from assistant.config import AssistantConfig
 from assistant.scheduler import Scheduler, SchedulerSettings
@@ -146,6 +146,44 @@ def start_background_server(config: AssistantConfig, models: Any) -> Callable[[]
     return stop
 
 
+def server_samples(server: SessionServer) -> Iterable[Any]:
+    """The server's and the scheduler's counters for /metrics (read at scrape time)."""
+    from assistant.observability import Sample
+
+    prefix = "freeze_omni_server"
+    stats, sched = server.stats, server.scheduler.stats
+    yield Sample(f"{prefix}_sessions_active", "gauge", "Client sessions open", server.scheduler.session_count)
+    yield Sample(f"{prefix}_sessions_max", "gauge", "Client sessions allowed",
+                 server.scheduler.settings.max_sessions)
+    for name, value, help_text in (
+            ("connections_total", stats.connections, "Client connections accepted"),
+            ("sessions_started_total", stats.sessions_started, "Client sessions started"),
+            ("sessions_refused_total", stats.refused, "Session starts refused because all were in use"),
+            ("dropped_events_total", stats.dropped_events, "Events dropped for clients that read too slowly"),
+            ("step_failures_total", sched.failures, "Model steps that failed (their session was closed)")):
+        yield Sample(f"{prefix}_{name}", "counter", help_text, value)
+    for code, count in sorted(stats.ended.items()):
+        yield Sample(f"{prefix}_sessions_ended_total", "counter", "Sessions ended, by reason", count,
+                     (("reason", code),))
+    for kind, count in sorted(sched.steps.items()):
+        yield Sample(f"{prefix}_steps_total", "counter", "Model steps run, by priority class", count,
+                     (("kind", kind.lower()),))
+    yield Sample(f"{prefix}_listen_wait_max_seconds", "gauge",
+                 "Longest wait of a listen chunk before its step started", sched.listen_wait_max_s)
+
+
+def _start_http(config: AssistantConfig, server: SessionServer) -> Any:
+    """/health and /metrics when `server.http_enabled` (None otherwise)."""
+    from assistant.observability import Health, HttpEndpoint, Metrics
+
+    if not config.server.http_enabled:
+        return None
+    metrics, health = Metrics(), Health()
+    metrics.collectors.append(lambda: server_samples(server))
+    health.set("ready")
+    return HttpEndpoint(metrics, health, config.server.http_host, config.server.http_port).start()
+
+
 def run_serve(config: AssistantConfig, load_models: Callable[[AssistantConfig], Any]) -> int:
     """Load, serve until SIGTERM/SIGINT; returns the exit status."""
     import torch
@@ -160,9 +198,12 @@ def run_serve(config: AssistantConfig, load_models: Callable[[AssistantConfig], 
         notifier.status("loading models")
         server = build_server(config, load_models(config))
         server.scheduler.start()
+        endpoint = _start_http(config, server)
         try:
             asyncio.run(_serve_forever(server, notifier, settings))
         finally:
+            if endpoint is not None:
+                endpoint.close()
             server.scheduler.stop()
     finally:
         notifier.close()

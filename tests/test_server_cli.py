@@ -39,6 +39,21 @@ def test_serve_keys_are_configurable_and_documented_in_the_example():
     assert config.server.token == "t0k" and config.scheduler.max_sessions == 8
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()
+
+
 def _serve_cmd(tiny_dir, *extra: str) -> list[str]:
     return [sys.executable, "-m", "assistant.cli", "serve", "--model-dir", str(tiny_dir / "checkpoints"),
             "--llm-dir", str(tiny_dir / "llm"), "--device", "cpu", "--set", "dialogue.max_answer_tokens=6",
@@ -58,7 +73,10 @@ def test_a_non_local_tcp_bind_without_a_token_is_refused_before_loading(tiny_dir
 def test_serve_answers_a_client_on_its_socket_and_exits_cleanly_on_sigterm(tiny_dir, tmp_path):
     sock = tmp_path / "serve.sock"
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(_serve_cmd(tiny_dir, "--socket", str(sock), "--executors", "2"), env=env,
+    http_port = _free_port()
+    proc = subprocess.Popen(_serve_cmd(tiny_dir, "--socket", str(sock), "--executors", "2", "--set",
+                                       "server.http_enabled=true", "--set", f"server.http_port={http_port}"),
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -73,6 +91,10 @@ def test_serve_answers_a_client_on_its_socket_and_exits_cleanly_on_sigterm(tiny_
         assert conn.recv(10).type == "session-started"
         answer = ask(conn, question_pcm(tiny_dir))
         assert answer.tokens and answer.codec_tokens and answer.pcm
+        metrics = _get(f"http://127.0.0.1:{http_port}/metrics")
+        assert "freeze_omni_server_sessions_active 1" in metrics
+        assert 'freeze_omni_server_steps_total{kind="listen"}' in metrics
+        assert _get(f"http://127.0.0.1:{http_port}/health")
         proc.send_signal(signal.SIGTERM)
         end, _ = conn.recv_until("session-ended", 10)
         assert end is not None and end.data["code"] == "server-stopping"
