@@ -127,7 +127,7 @@ def run_trial(engine: Engine, executors: int, n_sessions: int, sizes: SessionBen
 
 
 def run_bench_sessions(models, sizes: SessionBenchSizes, model_label: str,
-                       progress=None) -> tuple[str, list[Trial]]:
+                       progress=None, note: str = "") -> tuple[str, list[Trial]]:
     engine = Engine(models, EngineOptions(text_sampling=TextSamplingConfig(0.8, 20, 0.8),
                                           max_new_tokens=sizes.max_new_tokens,
                                           max_speech_tokens=sizes.max_speech_tokens))
@@ -142,10 +142,11 @@ def run_bench_sessions(models, sizes: SessionBenchSizes, model_label: str,
             trials.append(trial)
             if trial.realtime == 0 and n > 1:
                 break  # nothing keeps up any more: more sessions only take longer
-    return render(trials, models.device, model_label, sizes), trials
+    return render(trials, models.device, model_label, sizes, note), trials
 
 
-def render(trials: list[Trial], device: torch.device, model_label: str, sizes: SessionBenchSizes) -> str:
+def render(trials: list[Trial], device: torch.device, model_label: str, sizes: SessionBenchSizes,
+           note: str = "") -> str:
     lines = ["### Sessions served in real time vs. executors", "",
              "| executors | sessions | served in real time | listen wait p95 / max (ms) | "
              "turn end → first audio, median (ms) | underruns | answered | wall (s) |",
@@ -170,7 +171,7 @@ def render(trials: list[Trial], device: torch.device, model_label: str, sizes: S
               f"{sizes.max_new_tokens} text tokens and {sizes.max_speech_tokens} codec tokens per segment, "
               f"generation runs at most {sizes.client_lead_s:g} s ahead of playback. Real time: the answer "
               f"never ran dry and listen steps waited under 160 ms (p95). Best of {sizes.repeats} runs "
-              f"per row; a row with 0 ends the sweep.", ""]
+              f"per row; a row with 0 ends the sweep." + (f" {note}" if note else ""), ""]
     return "\n".join(lines)
 
 
@@ -194,7 +195,8 @@ def run_from_args(args) -> tuple[str, str]:
     models = load_models(model_dir, llm_dir, device, dtype)
     sizes = dataclasses.replace(SessionBenchSizes(), executors=args.executors, sessions=args.sessions,
                                 repeats=args.repeats)
-    text, _ = run_bench_sessions(models, sizes, label, progress=lambda step: logger.info("trial: %s", step))
+    text, _ = run_bench_sessions(models, sizes, label, progress=lambda step: logger.info("trial: %s", step),
+                                 note=getattr(args, "note", ""))
     key = section_key(model_dir, args.random_model, device)
     write_section(args.out, key, text)
     return text, key

@@ -71,6 +71,7 @@ def _add_bench_sessions(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 2, 4, 8, 16))
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (executors run at once)")
     p.add_argument("--repeats", type=int, default=2, help="runs per trial; the best is kept")
+    p.add_argument("--note", default="", help="a sentence about the machine, added under the table")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "freeze-omni")
     p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     _add_device_args(p)
