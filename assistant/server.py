@@ -91,10 +91,6 @@ class ServerStats:
         self.ended[code] = self.ended.get(code, 0) + 1
 
 
-class _Closed(Exception):
-    """The connection is over (reason already logged)."""
-
-
 class Connection:
     """One client socket: reads events, feeds its session, writes queued events."""
 
