@@ -6,9 +6,9 @@
 set -euo pipefail
 WORK=${1:?usage: train-speech-input.sh WORK_DIR [MODEL_OUT]}
 OUT=${2:-$WORK/model}
-STAGE1_STEPS=${STAGE1_STEPS:-1000}
-STAGE2_STEPS=${STAGE2_STEPS:-700}
-STAGE3_STEPS=${STAGE3_STEPS:-450}
+STAGE1_STEPS=${STAGE1_STEPS:-800}
+STAGE2_STEPS=${STAGE2_STEPS:-400}
+STAGE3_STEPS=${STAGE3_STEPS:-400}
 mkdir -p "$WORK"
 [ -f "$WORK/data/manifest.jsonl" ] || freeze-omni train data --size full --seed 0 --out "$WORK/data"
 [ -f "$WORK/stage1/result.pt" ] || freeze-omni train stage1 --data "$WORK/data" --out "$WORK/stage1" \
