@@ -239,25 +239,6 @@ def _quietly(action: Callable[[], object]) -> None:
         pass
 
 
-class _VadTurnGate:
-    """webrtcvad (`audio_io.vad.VadGate`) as a per-chunk speech gate for `turn_end: client`."""
-
-    def __init__(self) -> None:
-        from audio_io.vad import VadGate
-
-        self.vad = VadGate()
-
-    def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
-        from audio_io.vad import VadEventKind
-
-        kinds = [event.kind for event in self.vad.push(chunk)]
-        return VadEventKind.START in kinds, VadEventKind.STOP in kinds
-
-    @property
-    def heard_speech(self) -> bool:
-        return self.vad.state.speech_frames_last_push > 0
-
-
 def add_client_arguments(p: Any) -> None:
     p.add_argument("--connect", required=True, metavar="HOST:PORT",
                    help="the server: HOST:PORT or unix:/path/to.sock")
@@ -297,5 +278,12 @@ def run_client_command(args: Any) -> int:
         logger.error("%s", err)
         return EXIT_NO_AUDIO_DEVICE
     with audio:
-        gate = _VadTurnGate() if args.turn_end == "client" else None
+        gate = _client_vad_gate() if args.turn_end == "client" else None
         return Client(settings, audio, gate).run(stop.is_set)
+
+
+def _client_vad_gate():
+    """webrtcvad as a per-chunk speech gate for `turn_end: client`."""
+    from audio_io.vad import VadChunkGate, VadGate
+
+    return VadChunkGate(VadGate())

@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from assistant.config import AssistantConfig, ConfigError, LoadedConfig, Problem, Setting, load_config, \
     parse_assignments
 from assistant.conversation import Conversation
@@ -16,6 +14,7 @@ from assistant.daemon_config import DaemonSettings, EchoSettings, TurnEnd
 from assistant.dialogue import DecisionThresholds
 from assistant.engine import Engine, EngineOptions, SpeechEmission
 from assistant.segmentation import SegmentationRule
+from audio_io.vad import VadChunkGate
 from quantized_models.sampling import TextSamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -23,23 +22,6 @@ logger = logging.getLogger(__name__)
 EXIT_NO_AUDIO_DEVICE = 69  # EX_UNAVAILABLE: a service it needs is not there
 MODEL_INPUT_RATE_HZ = 16_000
 MODEL_CHUNK_S = 0.16  # one listen step
-
-
-class VadChunkGate:
-    """Adapts the frame-level `audio_io.vad.VadGate` to the daemon's per-chunk view."""
-
-    def __init__(self, vad: Any) -> None:
-        self.vad = vad
-
-    def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
-        from audio_io.vad import VadEventKind
-
-        kinds = [event.kind for event in self.vad.push(chunk)]
-        return VadEventKind.START in kinds, VadEventKind.STOP in kinds
-
-    @property
-    def heard_speech(self) -> bool:
-        return self.vad.state.speech_frames_last_push > 0
 
 
 class DeviceEchoPolicy:

@@ -186,3 +186,19 @@ def _make_vad(aggressiveness: int) -> Any:
     except ImportError as err:
         raise RuntimeError(f"the voice activity gate needs webrtcvad ({VAD_INSTALL_HINT})") from err
     return webrtcvad.Vad(aggressiveness)
+
+
+class VadChunkGate:
+    """Adapts the frame-level `VadGate` to a per-chunk view (the daemon's and the client's)."""
+
+    def __init__(self, vad: VadGate) -> None:
+        self.vad = vad
+
+    def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
+        """(speech started, speech stopped) within this chunk."""
+        kinds = [event.kind for event in self.vad.push(chunk)]
+        return VadEventKind.START in kinds, VadEventKind.STOP in kinds
+
+    @property
+    def heard_speech(self) -> bool:
+        return self.vad.state.speech_frames_last_push > 0
