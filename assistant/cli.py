@@ -249,20 +249,32 @@ def run_run(args: argparse.Namespace) -> int:
         print(f"freeze-omni: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_NO_AUDIO_DEVICE
 
-    def load(config):
-        models = config.models
-        return _load_for_dialogue(argparse.Namespace(
-            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
-            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
-            quantization=models.quantization, device=models.device, dtype=models.dtype))
+    return run_daemon(config, _load_from_config, reload_config=lambda: load_run_config(args).config,
+                      debug_logging=args.debug)
 
-    return run_daemon(config, load, reload_config=lambda: load_run_config(args).config, debug_logging=args.debug)
+
+def _load_from_config(config):
+    """The dialogue models that `config.models` names (for `run` and `serve`)."""
+    models = config.models
+    return _load_for_dialogue(argparse.Namespace(
+        model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
+        backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
+        quantization=models.quantization, device=models.device, dtype=models.dtype))
+
+
+def _run_benchmark(run, args: argparse.Namespace) -> int:
+    """Run a benchmark writing a section of `args.out`; print its table."""
+    args.device_obj, args.dtype_obj = _pick_device_and_dtype(args.device, args.dtype)
+    text, key = run(args)
+    print(text)
+    print(f"wrote section {key!r} of {args.out}")
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from assistant.serve import run_serve_command
 
-    return run_serve_command(args, _load_for_dialogue)
+    return run_serve_command(args, _load_from_config)
 
 
 def run_devices() -> int:
@@ -322,11 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench-sessions":
             from assistant.bench_sessions import run_from_args
 
-            args.device_obj, args.dtype_obj = _pick_device_and_dtype(args.device, args.dtype)
-            text, key = run_from_args(args)
-            print(text)
-            print(f"wrote section {key!r} of {args.out}")
-            return 0
+            return _run_benchmark(run_from_args, args)
         if args.command == "client":
             from assistant.client import run_client_command
 
@@ -346,11 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from assistant.bench import run_bench
 
-            args.device_obj, args.dtype_obj = _pick_device_and_dtype(args.device, args.dtype)
-            text, key = run_bench(args)
-            print(text)
-            print(f"wrote section {key!r} of {args.out}")
-            return 0
+            return _run_benchmark(run_bench, args)
     except (ModelLoadError, AudioFileError, ValueError, OSError) as err:
         if args.debug:
             logger.exception("failed")

@@ -81,9 +81,8 @@ def serve_assignments(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_serve_command(args: argparse.Namespace,
-                      load_for_dialogue: Callable[[argparse.Namespace], Any]) -> int:
-    """`freeze-omni serve` from parsed arguments; `load_for_dialogue` is the CLI's model loader."""
+def run_serve_command(args: argparse.Namespace, load_models: Callable[[AssistantConfig], Any]) -> int:
+    """`freeze-omni serve` from parsed arguments; `load_models` loads what `config.models` names."""
     from assistant.config import ConfigError
     from assistant.config_cli import print_problems
     from assistant.observability import configure_logging
@@ -98,15 +97,7 @@ def run_serve_command(args: argparse.Namespace,
         return EXIT_BAD_CONFIG
     level = logging.DEBUG if args.debug else config.observability.log_level.upper()
     configure_logging(level, under_systemd())
-
-    def load(config: AssistantConfig) -> Any:
-        models = config.models
-        return load_for_dialogue(argparse.Namespace(
-            model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
-            backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
-            quantization=models.quantization, device=models.device, dtype=models.dtype))
-
-    return run_serve(config, load)
+    return run_serve(config, load_models)
 
 
 def build_server(config: AssistantConfig, models: Any) -> SessionServer:
