@@ -6,6 +6,7 @@ import dataclasses
 import threading
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
@@ -101,3 +102,13 @@ def ask_in_threads(address, question, seeds: list[int]) -> list[Answer]:
     errors = [r for r in results if not isinstance(r, Answer)]
     assert not errors, errors
     return results
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return tiny_engine(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def question(tiny_dir):
+    return question_pcm(tiny_dir)

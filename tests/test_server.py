@@ -8,21 +8,12 @@ import pytest
 
 from assistant.server import ServerSettings
 from assistant.wire import WireConnection
+from tests.server_harness import engine, question  # noqa: F401  (module-scoped fixtures)
 from tests.server_harness import (
-    AUDIO_IN, ask, ask_in_threads, question_pcm, running_server, start_session, tiny_engine,
+    AUDIO_IN, ask, ask_in_threads, running_server, start_session,
 )
 
 N_SESSIONS = 8
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return tiny_engine(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def question(tiny_dir):
-    return question_pcm(tiny_dir)
 
 
 @pytest.fixture

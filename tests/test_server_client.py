@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 
 from assistant.client import Backoff, Client, ClientSettings
-from tests.server_harness import ask, question_pcm, running_server, start_session, tiny_engine
+from tests.server_harness import engine, question  # noqa: F401  (module-scoped fixtures)
+from tests.server_harness import ask, running_server, start_session
 
 CHUNK = 2560
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return tiny_engine(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def question(tiny_dir):
-    return question_pcm(tiny_dir)
 
 
 class FakeAudio:

@@ -11,20 +11,11 @@ import pytest
 
 from assistant.engine import Engine, EngineOptions
 from assistant.wire import WireConnection
-from tests.server_harness import AUDIO_IN, ask, question_pcm, running_server, start_session, tiny_engine
+from tests.server_harness import engine, question  # noqa: F401  (module-scoped fixtures)
+from tests.server_harness import AUDIO_IN, ask, running_server, start_session
 
 FUZZ_SECONDS = 12.0
 MAX_PAYLOAD = 8192
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return tiny_engine(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def question(tiny_dir):
-    return question_pcm(tiny_dir)
 
 
 def _header(obj) -> bytes:
