@@ -11,6 +11,7 @@ from typing import Sequence
 from assistant.config_cli import add_config_parser, run_config
 from training.cli import add_train_parsers, run_train
 from training.eval_cli import add_eval_parsers, run_eval, run_transcribe
+from training.tts.cli import add_say_parser, run_say
 
 EXIT_BAD_INPUT = 2
 OUTPUT_RATE_HZ = 24_000  # the codec's rate; checked against the loaded model
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(sub)
     add_train_parsers(sub)
     add_eval_parsers(sub)
+    add_say_parser(sub)
     add_config_parser(sub)
     return parser
 
@@ -351,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "transcribe":
             return run_transcribe(args)
+        if args.command == "say":
+            return run_say(args)
         if args.command == "bench":
             from assistant.bench import run_bench
 

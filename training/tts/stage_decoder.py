@@ -1,0 +1,139 @@
+"""Stage tts-decoder: speech decoder + pre-network on (text -> codec ids of piper speaking it).
+
+The text enters through the FROZEN LLM's own embedding table, split into decoder rows (spec
+§6.3, §11.3 step 2); no prefix is used, so `layers_prefix` stays at its initialisation (the
+tts-prefix stage trains it). Loss: mean cross-entropy of [y1 .. yL, EOS] (spec §7.3 sums it;
+the mean keeps the learning rate independent of segment length).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from assistant.segmentation import normalize_tts_text
+from training.common import LoopConfig, batch_rng, train_loop
+from training.llm_sequence import load_frozen_llm
+from training.tts.decoder_forward import teacher_forced_logits, token_loss
+from training.tts.decoder_model import (
+    RESULT_NAME,
+    DecoderExample,
+    DecoderGeometry,
+    build_decoder,
+    decoder_layout,
+    make_batch,
+    save_decoder_result,
+)
+from training.tts.pairs import PiperNative, Speak, SpeechPair, bank_texts, build_pairs, load_bank, spread_texts
+
+logger = logging.getLogger(__name__)
+
+PAIRS_NAME = "pairs.jsonl"
+
+
+class CodecEncoderLike(Protocol):
+    """What the stages need of the codec (`training.codec.load_codec_encoder(...)`)."""
+
+    n_codes: int
+    samples_per_token: int
+    sample_rate_hz: int
+
+    def encode_wav(self, samples: np.ndarray, rate_hz: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TtsDecoderConfig:
+    """tts-decoder settings."""
+
+    geometry: DecoderGeometry = field(default_factory=DecoderGeometry)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3000, lr=1e-3, warmup_steps=200))
+    batch_pairs: int = 16
+    max_codec_tokens: int = 400
+    """Pairs with more codec ids are left out (10 s at 40 ids/s)."""
+    dropout: float = 0.1
+    train_limit: int | None = None
+    """Speak and train on only N train texts (evenly spread)."""
+    valid_limit: int = 40
+    """Validation pairs for the final held-out loss (0: none)."""
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids the engine feeds the decoder for a segment text (normalised, re-tokenised)."""
+    return tokenizer.encode(normalize_tts_text(text), add_special_tokens=False)
+
+
+def examples_of(pairs: list[SpeechPair], tokenizer: Any) -> list[DecoderExample]:
+    out = [DecoderExample(text_ids(tokenizer, p.text), p.tokens) for p in pairs]
+    return [e for e in out if e.text_ids and e.tokens]
+
+
+def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDecoderConfig,
+               speak: Speak | None) -> dict[str, list[SpeechPair]]:
+    """Train and valid pairs, spoken and encoded once into `run_dir/pairs.jsonl`."""
+    bank, speak = load_bank(data), speak or PiperNative()
+    limits = {"train": config.train_limit, "valid": config.valid_limit}
+    return {split: build_pairs(run_dir / PAIRS_NAME, spread_texts(bank_texts(bank, split), limits[split]),
+                               split, speak, codec.encode_wav, config.max_codec_tokens)
+            for split in ("train", "valid") if limits[split] != 0}
+
+
+@torch.no_grad()
+def held_out_loss(decoder, examples: list[DecoderExample], embed, batch: int = 8) -> dict[str, float]:
+    """Mean token loss and accuracy on `examples` (eval mode)."""
+    if not examples:
+        return {}
+    decoder.eval()
+    losses, accs, weights = [], [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        b = make_batch(chunk, embed, decoder.dims.idim, decoder.dims.pad_id)
+        loss, metrics = token_loss(teacher_forced_logits(decoder, b))
+        n = sum(b.token_lengths) + len(chunk)
+        losses.append(loss.item() * n)
+        accs.append(metrics["token_acc"] * n)
+        weights.append(n)
+    return {"valid_loss": sum(losses) / sum(weights), "valid_acc": sum(accs) / sum(weights)}
+
+
+def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_dir: Path,
+                      config: TtsDecoderConfig, speak: Speak | None = None) -> dict:
+    """Train decoder + pre-net; writes `run_dir/result.pt` (read by tts-prefix and tts-export)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    causal_lm, tokenizer = load_frozen_llm(llm_dir)
+    embed = causal_lm.get_input_embeddings()
+    pairs = make_pairs(data, codec, run_dir, config, speak)
+    train = examples_of(pairs["train"], tokenizer)
+    if not train:
+        raise ValueError(f"no training pairs from {data}: the bank has no train texts")
+    valid = examples_of(pairs.get("valid", []), tokenizer)
+    layout = decoder_layout(config.geometry, int(embed.embedding_dim), int(codec.n_codes))
+    decoder = build_decoder(layout, config.loop.seed)
+    for param in decoder.layers_prefix.parameters():
+        param.requires_grad_(False)  # trained by tts-prefix on the LLM's hidden states
+    dims, size = decoder.dims, min(config.batch_pairs, len(train))
+    logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
+                dims.idim, dims.odim)
+
+    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
+        index = batch_rng(config.loop.seed, step).choice(len(train), size, replace=False)
+        batch = make_batch([train[i] for i in index], embed, dims.idim, dims.pad_id)
+        return token_loss(teacher_forced_logits(decoder, batch, config.dropout))
+
+    result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
+                        title="tts-decoder: codec-id cross-entropy")
+    summary: dict[str, Any] = {
+        "steps": result.step, "finished": result.finished, "seconds": round(result.seconds, 1),
+        "train_pairs": len(train), "train_codec_ids": sum(len(e.tokens) for e in train),
+        "codec_ids_per_s": codec.sample_rate_hz / codec.samples_per_token}
+    if result.finished:
+        summary |= {k: round(v, 4) for k, v in result.last_metrics.items()}
+        summary |= {k: round(v, 4) for k, v in held_out_loss(decoder, valid, embed).items()}
+        save_decoder_result(run_dir / RESULT_NAME, "tts-decoder", layout, decoder,
+                            {"config": asdict(config), "summary": summary})
+    logger.info("tts-decoder: %s", summary)
+    return summary
