@@ -56,8 +56,8 @@ class SpeechGate(Protocol):
         ...
 
     @property
-    def heard_speech(self) -> bool:
-        """The last chunk fed held speech (not just the gate's hangover)."""
+    def speech_ms(self) -> int:
+        """Speech (not the gate's hangover) in the last chunk fed, in milliseconds."""
         ...
 
 
@@ -133,7 +133,7 @@ class _Turn:
     """True: heard while the assistant speaks (barge-in candidate)."""
     stopped_at: float | None = None
     """VAD stop time, if the user has gone quiet."""
-    speech_chunks: int = 0
+    speech_ms: int = 0
     """Chunks of this turn that held speech (the pre-roll and the VAD's hangover not counted)."""
 
 
@@ -206,8 +206,8 @@ class Daemon:
             self._turn.stopped_at = None
         # The hangover before a VAD stop is not speech; nor is what is heard while AEC re-adapts
         # at the start of an answer (its residue comes in bursts of 100-300 ms).
-        if self.gate.heard_speech and (not self._turn.on_fork or self._barge_in_allowed(now)):
-            self._turn.speech_chunks += 1
+        if not self._turn.on_fork or self._barge_in_allowed(now):
+            self._turn.speech_ms += self.gate.speech_ms
         if stopped and self._turn.stopped_at is None:
             self._turn.stopped_at = now
             if self.settings.dialogue.turn_end is TurnEnd.VAD:
@@ -261,11 +261,10 @@ class Daemon:
 
     def _respond(self, now: float) -> None:
         assert self._turn is not None
-        min_chunks = self.settings.dialogue.min_barge_in_ms / (1000.0 * MODEL_CHUNK_S)
-        if self._turn.on_fork and (self._turn.speech_chunks < min_chunks or not self._barge_in_allowed(now)):
-            # Residual echo comes in short bursts, mostly while AEC re-adapts at an answer's start.
-            logger.info("interruption too short or too early (%d chunks of speech): ignored",
-                        self._turn.speech_chunks)
+        too_short = self._turn.speech_ms < self.settings.dialogue.min_barge_in_ms
+        if self._turn.on_fork and (too_short or not self._barge_in_allowed(now)):
+            # Residual echo comes in bursts of 20-100 ms, mostly while AEC re-adapts.
+            logger.info("interruption too short or too early (%d ms of speech): ignored", self._turn.speech_ms)
             self._ignore()
             return
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)

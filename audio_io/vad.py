@@ -84,7 +84,7 @@ class VadGate:
         if min_level_dbfs is not None and min_level_dbfs >= 0:
             raise ValueError(f"min_level_dbfs must be below 0 dBFS, got {min_level_dbfs}")
         self.min_power = None if min_level_dbfs is None else 10.0 ** (min_level_dbfs / 10.0)
-        self.sample_rate_hz = sample_rate_hz
+        self.sample_rate_hz, self.frame_ms = sample_rate_hz, frame_ms
         self.frame_samples = samples_for_ms(sample_rate_hz, frame_ms)
         self.start_frames, self.stop_frames = start_frames, stop_frames
         self.preroll_samples = preroll_ms * sample_rate_hz // 1000
@@ -200,5 +200,7 @@ class VadChunkGate:
         return VadEventKind.START in kinds, VadEventKind.STOP in kinds
 
     @property
-    def heard_speech(self) -> bool:
-        return self.vad.state.speech_frames_last_push > 0
+    def speech_ms(self) -> int:
+        """Voiced audio in the last chunk, in VAD frames (a 40 ms burst of echo residue
+        counts 40 ms, not the whole 160 ms chunk it fell into)."""
+        return self.vad.state.speech_frames_last_push * self.vad.frame_ms

@@ -100,10 +100,11 @@ class LevelGate:
     def __init__(self, start: int = 1, stop: int = 3, level: float = SPEECH_LEVEL / 2) -> None:
         self.start, self.stop, self.level = start, stop, level
         self.active, self.loud, self.quiet = False, 0, 0
-        self.heard_speech = False
+        self.speech_ms = 0
 
     def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
-        loud = self.heard_speech = float(np.abs(chunk).mean()) > self.level
+        loud = float(np.abs(chunk).mean()) > self.level
+        self.speech_ms = 160 if loud else 0
         self.loud = self.loud + 1 if loud else 0
         self.quiet = self.quiet + 1 if not loud else 0
         if not self.active and self.loud >= self.start:

@@ -239,6 +239,28 @@ def test_vad_level_floor_ignores_faint_speech_that_webrtcvad_alone_hears():
     assert starts(-25.0, -60.0) == 1  # ordinary speech still opens the gate
 
 
+def test_chunk_gate_measures_speech_by_frame_not_by_chunk():
+    """A burst of 60 ms inside a 160 ms chunk counts 60 ms: echo residue comes in such bursts,
+    and a barge-in needs `min_barge_in_ms` of speech, not that many chunks touched by it."""
+    pytest.importorskip("webrtcvad")
+    from audio_io.vad import VadChunkGate
+
+    speech = fixture_speech()
+    speech = (speech / np.sqrt(np.mean(np.square(speech))) * 0.1).astype(np.float32)  # −20 dBFS
+    voiced = next(i for i in range(0, len(speech) - MODEL_CHUNK_SAMPLES, 160)
+                  if all(vad_verdicts(speech[i:i + MODEL_CHUNK_SAMPLES], 320, 2)))
+    whole = speech[voiced:voiced + MODEL_CHUNK_SAMPLES]
+    burst = np.zeros(MODEL_CHUNK_SAMPLES, dtype=np.float32)
+    burst[:960] = whole[:960]  # 60 ms: three 20 ms frames
+    gate = VadChunkGate(VadGate(frame_ms=20, aggressiveness=2, min_level_dbfs=-60.0, settle_ms=0))
+    gate.speech_started(whole)
+    assert gate.speech_ms == 160
+    gate.speech_started(burst)
+    assert 0 < gate.speech_ms <= 60
+    gate.speech_started(np.zeros(MODEL_CHUNK_SAMPLES, dtype=np.float32))
+    assert gate.speech_ms == 0
+
+
 def test_vad_gate_stays_closed_on_silence():
     pytest.importorskip("webrtcvad")
     noise = np.random.default_rng(1).normal(0, 3e-3, 5 * 16_000).astype(np.float32)

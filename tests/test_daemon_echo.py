@@ -2,7 +2,8 @@
 
 The virtual card gets an echo path (speaker monitor → microphone, delayed and attenuated,
 like a loudspeaker in the room). With AEC on, 20 answers play to their end without a single
-barge-in; with AEC and half duplex off the echo does interrupt (so this test can fail).
+barge-in, yet a user talking over the answer still cuts it; with AEC and half duplex off the
+echo does interrupt (so this test can fail).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _wait_quiet(conversation, audio, quiet_s: float, timeout_s: float) -> bool:
     return False
 
 
-def _answers_with_echo(pulse, engine, tiny_dir, aec: bool, questions: int):
+def _start_daemon(engine, aec: bool):
+    """(daemon, conversation, audio, stop, loop thread) on the virtual card, `turn_end: vad`."""
     from assistant.conversation import Conversation
     from assistant.daemon import Daemon
     from assistant.daemon_config import DaemonSettings, DialogueSettings, EchoSettings, TurnEnd
@@ -62,6 +64,11 @@ def _answers_with_echo(pulse, engine, tiny_dir, aec: bool, questions: int):
     stop = threading.Event()
     loop = threading.Thread(target=daemon.run, args=(stop.is_set,), daemon=True)
     loop.start()
+    return daemon, conversation, audio, stop, loop
+
+
+def _answers_with_echo(pulse, engine, tiny_dir, aec: bool, questions: int):
+    daemon, conversation, audio, stop, loop = _start_daemon(engine, aec)
     question, rate = soundfile.read(tiny_dir / "inputs/question.wav", dtype="float32")
     try:
         for i in range(questions):
@@ -94,3 +101,27 @@ def test_without_aec_or_half_duplex_the_echo_interrupts(tmp_path, engine, tiny_d
         counters = _answers_with_echo(pulse, engine, tiny_dir, aec=False, questions=3)
     assert counters.interruptions_heard >= 1
     assert counters.interruptions_answered >= 1  # the assistant took its own voice for a barge-in
+
+
+def test_with_aec_a_user_talking_over_the_answer_still_cuts_it(tmp_path, tiny_dir):
+    from assistant.engine import Engine, EngineOptions
+    from quantized_models.model_dir import load_models
+    from quantized_models.sampling import TextSamplingConfig
+
+    models = load_models(tiny_dir / "checkpoints", tiny_dir / "llm", torch.device("cpu"), torch.float32)
+    long_answers = Engine(models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
+                                                max_new_tokens=24, max_speech_tokens=120))
+    question, rate = soundfile.read(tiny_dir / "inputs/question.wav", dtype="float32")
+    with PulseHarness(tmp_path / "pulse") as pulse:
+        pulse.add_echo_path(ECHO_DELAY_MS, ECHO_VOLUME_PERCENT)
+        daemon, _, audio, stop, loop = _start_daemon(long_answers, aec=True)
+        try:
+            pulse.play_into(question, rate).wait()
+            assert wait_until(lambda: daemon.counters.turns_answered == 1, 10.0)
+            assert wait_until(lambda: audio.played_samples_24k > 24_000, 10.0), "the answer never played"
+            pulse.play_into(question, rate).wait()  # double talk: the user over our echo
+            assert wait_until(lambda: daemon.counters.barge_ins == 1, 10.0), "the interruption did not cut in"
+        finally:
+            stop.set()
+            loop.join(timeout=10)
+            audio.close()

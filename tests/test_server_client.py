@@ -58,7 +58,6 @@ class ScriptedGate:
 
     def __init__(self, audio: FakeAudio) -> None:
         self.audio, self.index = audio, 0
-        self.heard_speech = False
 
     def speech_started(self, chunk: np.ndarray) -> tuple[bool, bool]:
         n = len(self.audio.question)
