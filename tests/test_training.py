@@ -263,6 +263,22 @@ def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
     assert report["respond_within_2_chunks"] is not None and report["ignore_rate"] is not None
     assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav")]) == 0
     assert capsys.readouterr().out.endswith("\n")
+    assert main(["eval", "dialogue", *model, "--data", str(chain["data"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"agreement", "keyword_agreement", "n"} and report["n"] == 1  # one test question
+    assert 0.0 <= report["keyword_agreement"] <= 1.0 and report["agreement"] <= report["keyword_agreement"]
+
+
+def test_dialogue_agreement_compares_first_sentences_and_content_words() -> None:
+    from training.eval_dialogue import AnswerPair, first_sentence
+
+    assert first_sentence("Paris is the capital. It is big.") == "Paris is the capital."
+    same = AnswerPair("q", spoken="Paris is the capital of France. More text", typed="paris is the capital of france!")
+    assert same.agrees and same.keywords_agree
+    close = AnswerPair("q", spoken="The capital of France is Paris.", typed="Paris is the capital of France.")
+    assert not close.agrees and close.keywords_agree
+    wrong = AnswerPair("q", spoken="I like trains.", typed="Paris is the capital of France.")
+    assert not wrong.agrees and not wrong.keywords_agree
 
 
 def test_sigterm_checkpoints_and_returns(tmp_path: Path) -> None:

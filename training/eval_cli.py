@@ -16,7 +16,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a trained model on the data set's held-out test split")
     kinds = ev.add_subparsers(dest="eval_kind", required=True)
     for name, text in (("asr", "word error rate of the LLM's transcripts"),
-                       ("states", "turn-end decisions of the state head")):
+                       ("states", "turn-end decisions of the state head"),
+                       ("dialogue", "spoken questions answered as the same questions typed")):
         p = kinds.add_parser(name, help=text)
         _add_model_args(p)
         p.add_argument("--data", type=Path, required=True, help="data directory with manifest.jsonl")
@@ -33,30 +34,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
 
 
+def _llm_dir(args: argparse.Namespace) -> Path:
+    if args.llm_dir is not None:
+        return args.llm_dir
+    from quantized_models.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()
+
+
 def _load(args: argparse.Namespace):
     import torch
 
     from quantized_models.model_dir import load_models
 
-    llm_dir = args.llm_dir
-    if llm_dir is None:
-        from quantized_models.smollm2 import prepare_smollm2
-
-        llm_dir = prepare_smollm2()
-    return load_models(args.model_dir, llm_dir, torch.device("cpu"), torch.float32)
+    return load_models(args.model_dir, _llm_dir(args), torch.device("cpu"), torch.float32)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if args.eval_kind == "tts":
         return run_eval_tts(args)
     models = _load(args)
+    keys = METRIC_KEYS
     if args.eval_kind == "asr":
         metrics = eval_asr(models, args.data, args.limit)
+    elif args.eval_kind == "dialogue":
+        from training.eval_dialogue import DIALOGUE_METRIC_KEYS, eval_dialogue
+
+        metrics, keys = eval_dialogue(models, _llm_dir(args), args.data, args.limit), DIALOGUE_METRIC_KEYS
     else:
         from assistant.engine import Engine, EngineOptions
 
         metrics = eval_states(Engine(models, EngineOptions()), args.data, args.limit)
-    report = {key: metrics.get(key) for key in METRIC_KEYS}
+    report = {key: metrics.get(key) for key in keys}
     if args.json:
         print(json.dumps(report))
     else:
