@@ -20,6 +20,7 @@ from training.common import LoopConfig, weights_checksum
 from training.data.texts import TextBank
 from training.tts.decoder_forward import DecoderBatch, conditioning_mask, teacher_forced_logits
 from training.tts.decoder_model import DecoderGeometry, load_decoder_result
+from training.tts.stage_decoder import TtsDecoderConfig
 
 N_CODES = 64  # the fixture codec's vocabulary, so the exported decoder speaks through it
 TINY_GEOMETRY = DecoderGeometry(rows_per_vector=4, attention_heads=2, linear_units=32, num_blocks=2)
@@ -37,6 +38,10 @@ class FakeCodec:
 def fake_speak(text: str) -> tuple[np.ndarray, int]:
     """One 'sample' per letter, so the ids follow the text (a learnable copy task)."""
     return np.array([(ord(c) % N_CODES) / N_CODES for c in text if c.isalpha()], dtype=np.float32), 24_000
+
+
+def _decoder_config(steps: int = 20) -> TtsDecoderConfig:
+    return TtsDecoderConfig(geometry=TINY_GEOMETRY, loop=_loop(steps), batch_pairs=4, dropout=0.0)
 
 
 def _loop(steps: int, lr: float = 1e-2) -> LoopConfig:
@@ -67,18 +72,17 @@ def chain(tmp_path_factory, tiny_dir: Path) -> dict:
     """tts-decoder -> tts-prefix -> export beside the fixture's codec, LLM checksummed around."""
     from training.llm_sequence import load_frozen_llm
     from training.tts.export import export_decoder
-    from training.tts.stage_decoder import TtsDecoderConfig, train_tts_decoder
+    from training.tts.stage_decoder import train_tts_decoder
     from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tts")
     data, llm_dir = _bank(root / "data"), tiny_dir / "llm"
     before = weights_checksum(load_frozen_llm(llm_dir)[0])
-    dec = train_tts_decoder(data, FakeCodec(), llm_dir, root / "dec",
-                            TtsDecoderConfig(geometry=TINY_GEOMETRY, loop=_loop(20), batch_pairs=4, dropout=0.0),
-                            speak=fake_speak)
-    pre = train_tts_prefix(root / "dec", data, FakeCodec(), llm_dir, root / "pre",
-                           TtsPrefixConfig(loop=_loop(15, 3e-2), batch_pairs=4, dropout=0.0), speak=fake_speak)
+    dec = train_tts_decoder(data, FakeCodec(), llm_dir, root / "dec", _decoder_config(), speak=fake_speak)
+    prefix_config = TtsPrefixConfig(loop=_loop(15, 3e-2), batch_pairs=4, dropout=0.0)
+    pre = train_tts_prefix(root / "dec", data, FakeCodec(), llm_dir, root / "pre", prefix_config,
+                           speak=fake_speak)
     model_dir = root / "model"
     import shutil
 
@@ -111,12 +115,14 @@ def test_training_forward_equals_engine_prefill_and_steps(use_prefix: bool) -> N
         out = teacher_forced_logits(decoder, batch)
     offset = 0
     for b in range(2):  # the engine's path: prefill, then one AR step per teacher-forced id
-        cache = decoder.prefill(texts[b], prefixes[b] if use_prefix else None, DecoderCache(max_new_tokens=20))
+        prefix = prefixes[b] if use_prefix else None
+        cache = decoder.prefill(texts[b], prefix, DecoderCache(max_new_tokens=20))
         fed, steps = [decoder.dims.sos_id, *tokens[b].tolist()], []
         for token in fed:
             logits, cache = decoder.step(token, cache)
             steps.append(logits)
-        torch.testing.assert_close(out.logits[offset:offset + len(fed)], torch.stack(steps), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.logits[offset:offset + len(fed)], torch.stack(steps),
+                                   rtol=1e-4, atol=1e-4)
         offset += len(fed)
     assert out.targets.tolist() == [*tokens[0].tolist(), 34, *tokens[1].tolist(), 34]  # EOS = odim + 2
 
@@ -211,6 +217,44 @@ def test_eval_tts_reports_every_setting(chain: dict) -> None:
     assert set(METRIC_KEYS) <= set(report) and report["n"] == 1
     assert report["reference_wer"] == 0.0 and report["ratio"] is None  # a perfect reference: no ratio
     assert report["setting"] == {"top_k": 2, "prefix": True}
-    assert [(r["top_k"], r["prefix"]) for r in report["table"]] == [(1, True), (2, True), (1, False), (2, False)]
+    settings = [(r["top_k"], r["prefix"]) for r in report["table"]]
+    assert settings == [(1, True), (2, True), (1, False), (2, False)]
     assert report["table"][0]["wer"] == pytest.approx(0.5)  # "a friend" for 4 words
     assert all(0.0 <= r["eos_rate"] <= 1.0 for r in report["table"])
+
+
+def test_pairs_are_spoken_once_and_resumed(tmp_path: Path) -> None:
+    from training.tts.pairs import build_pairs, read_pairs
+
+    spoken: list[str] = []
+
+    def speak(text: str) -> tuple[np.ndarray, int]:
+        spoken.append(text)
+        return fake_speak(text)
+
+    texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement")]
+    path = tmp_path / "pairs.jsonl"
+    build_pairs(path, texts[:2], "train", speak, FakeCodec().encode_wav, max_tokens=100)
+    with path.open("a") as f:
+        f.write('{"text": "torn')  # a kill in the middle of a line
+    pairs = build_pairs(path, texts, "train", speak, FakeCodec().encode_wav, max_tokens=8)
+    assert spoken == ["Hello there.", "I like tea.", "Go."]
+    assert [p.text for p in pairs] == ["I like tea.", "Go."]  # "Hello there." has 10 ids > 8
+    assert len(read_pairs(path)) == 3
+
+
+def test_geometry_must_split_the_llm_width() -> None:
+    assert DecoderGeometry().idim(576) == 144  # SmolLM2: 4 rows of 144 per vector
+    with pytest.raises(ValueError, match="does not split"):
+        DecoderGeometry(rows_per_vector=5).idim(576)
+
+
+def test_a_finished_run_resumes_without_training_again(chain: dict) -> None:
+    from training.tts.stage_decoder import train_tts_decoder
+
+    before = load_decoder_result(chain["root"] / "dec")["state"]
+    again = train_tts_decoder(chain["data"], FakeCodec(), chain["llm_dir"], chain["root"] / "dec",
+                              _decoder_config(), speak=lambda text: pytest.fail(f"spoke {text!r} again"))
+    assert again["steps"] == 20 and again["seconds"] < 5
+    after = load_decoder_result(chain["root"] / "dec")["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

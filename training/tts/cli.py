@@ -17,9 +17,11 @@ DEFAULT_SAY_TOP_K = 2  # the released server.json decoder_top_k
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
     p.add_argument("--data", type=Path, required=True,
                    help="part-1 data directory (its texts.json) or a texts.json bank")
-    p.add_argument("--codec-dir", type=Path, required=True, help="trained codec folder (model.json + final.pt)")
+    p.add_argument("--codec-dir", type=Path, required=True,
+                   help="trained codec folder (model.json + final.pt)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
-    p.add_argument("--out", type=Path, required=True, help="run directory (pairs, checkpoints, loss.csv, result.pt)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run directory (pairs, checkpoints, loss.csv, result.pt)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup-steps", type=int, default=100)
@@ -31,6 +33,8 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
                    help="start over even if the run directory has a checkpoint")
     p.add_argument("--train-limit", type=int, default=None, help="use only N training texts (evenly spread)")
     p.add_argument("--max-codec-tokens", type=int, default=400, help="leave out longer segments")
+    p.add_argument("--speech-cache", type=Path, default=None,
+                   help="folder of piper renderings, shared between runs (default: OUT/speech)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -43,7 +47,8 @@ def _loop(args: argparse.Namespace) -> LoopConfig:
 def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p = steps.add_parser("tts-decoder", help="train the speech decoder + pre-network on text -> codec ids")
     _add_loop_args(p, steps=3000, lr=1e-3, batch=16)
-    p.add_argument("--rows-per-vector", type=int, default=4, help="decoder rows per LLM vector (576 = 4 x 144)")
+    p.add_argument("--rows-per-vector", type=int, default=4,
+                   help="decoder rows per LLM vector (576 = 4 x 144)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=576)
     p.add_argument("--blocks", type=int, default=4)
@@ -82,9 +87,10 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     from training.tts.stage_decoder import TtsDecoderConfig, train_tts_decoder
 
     codec, llm_dir = _setup(args)
-    config = TtsDecoderConfig(geometry=DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks),
-                              loop=_loop(args), batch_pairs=args.batch, max_codec_tokens=args.max_codec_tokens,
-                              train_limit=args.train_limit)
+    geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
+    config = TtsDecoderConfig(geometry=geometry, loop=_loop(args), batch_pairs=args.batch,
+                              max_codec_tokens=args.max_codec_tokens,
+                              train_limit=args.train_limit, speech_cache=args.speech_cache)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -94,7 +100,7 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
 
     codec, llm_dir = _setup(args)
     config = TtsPrefixConfig(loop=_loop(args), batch_pairs=args.batch, max_codec_tokens=args.max_codec_tokens,
-                             train_limit=args.train_limit)
+                             train_limit=args.train_limit, speech_cache=args.speech_cache)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -139,6 +145,7 @@ def add_tts_eval_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", default="1,2,3,4,5", help="comma-separated speech-decoder top-k values")
     p.add_argument("--prefix", choices=["both", "on", "off"], default="both")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--speech-cache", type=Path, default=None, help="folder of piper renderings to reuse")
     _add_speech_model_args(p)
 
 
@@ -179,7 +186,8 @@ def run_eval_tts(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ValueError(f"--top-k takes comma-separated integers, got {args.top_k!r}") from err
     prefixes = {"both": (True, False), "on": (True,), "off": (False,)}[args.prefix]
-    report = eval_tts(_engine(args, top_ks[0]), args.data, top_ks, prefixes, args.limit, args.seed)
+    report = eval_tts(_engine(args, top_ks[0]), args.data, top_ks, prefixes, args.limit, args.seed,
+                      speech_cache=args.speech_cache)
     if args.json:
         print(json.dumps(report))
         return 0

@@ -138,10 +138,12 @@ class DecoderTargets:
     """[K] ids y1..yL, EOS per sequence."""
 
 
-def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch, dropout: float = 0.0) -> DecoderTargets:
+def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
+                          dropout: float = 0.0) -> DecoderTargets:
     """Logits of every token-part position (the next-id predictions), batched."""
     dims, device = decoder.dims, decoder.embedding.weight.device
-    pre = run_pre_net(decoder, batch.text_rows.to(decoder.embedding.weight.dtype), batch.text_lengths, dropout)
+    rows = batch.text_rows.to(device=device, dtype=decoder.embedding.weight.dtype)
+    pre = run_pre_net(decoder, rows, batch.text_lengths, dropout)
     bos = decoder.embedding(torch.tensor([dims.bos_id], device=device))  # [1, D]
     sos = decoder.embedding(torch.tensor([dims.sos_id], device=device))
     sequences, targets, conds = [], [], []
@@ -152,7 +154,8 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch, dropout: 
         conds.append(n_rows + 1)
     total = max(s.shape[0] for s in sequences)
     x = torch.stack([F.pad(s, (0, 0, 0, total - s.shape[0])) for s in sequences])  # [B, T, D]
-    visible = torch.stack([conditioning_mask(c, n, total) for c, n in zip(conds, batch.token_lengths)]).to(device)
+    visible = torch.stack([conditioning_mask(c, n, total)
+                           for c, n in zip(conds, batch.token_lengths)]).to(device)
     extras: list[tuple[Tensor, Tensor] | None] = [None] * len(decoder.layers)
     if batch.prefix_rows is not None and dims.kv_cache_prefix_finetune:
         assert batch.prefix_lengths is not None, "prefix rows need prefix_lengths"

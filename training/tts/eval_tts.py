@@ -87,18 +87,19 @@ def held_out_answers(data: Path, limit: int | None) -> list[tuple[str, str]]:
 
 def eval_tts(engine: Any, data: Path, top_ks: Sequence[int] = (1, 2, 3, 4, 5),
              prefixes: Sequence[bool] = (True, False), limit: int | None = 30, seed: int = 0,
-             speak: Any = None, recognize: Any = None) -> dict[str, Any]:
+             speak: Any = None, recognize: Any = None, speech_cache: Path | None = None) -> dict[str, Any]:
     """Metrics per (top-k, prefix) setting; the top-level keys are those of one setting.
 
     Args:
         engine: an `Engine` over the model directory to evaluate.
         speak: text -> (samples, rate) of the reference voice (default: piper).
         recognize: (samples, rate) -> text (default: pocketsphinx).
+        speech_cache: folder of piper renderings to reuse (see `PiperNative`).
     """
     from training.tts.pairs import PiperNative
     from training.tts.speak import codec_rate_hz, say_text
 
-    speak = speak or PiperNative()
+    speak = speak or PiperNative(cache_dir=speech_cache)
     recognize = recognize or Recognizer()
     answers = held_out_answers(data, limit)
     reference = Tally()

@@ -93,7 +93,10 @@ def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak:
     done = {(p.text, p.split): p for p in read_pairs(path)}
     wanted = list(texts)
     made = 0
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with path.open("a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")  # close a line cut by a kill, so the next pair starts on its own line
         for text, source in wanted:
             if (text, split) in done:
                 continue
@@ -115,13 +118,37 @@ def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak:
 
 
 class PiperNative:
-    """piper's joe voice at its own rate (22.05 kHz), ends trimmed; loaded on first use."""
+    """piper's joe voice at its own rate (22.05 kHz), ends trimmed; loaded on first use.
 
-    def __init__(self, length_scale: float = 1.0) -> None:
+    With `cache_dir`, every rendering is kept as a wav named by the text's hash and reused, so
+    the speech can be rendered before the codec exists and shared by several runs.
+    """
+
+    def __init__(self, length_scale: float = 1.0, cache_dir: Path | None = None) -> None:
         self.length_scale = length_scale
+        self.cache_dir = cache_dir
         self._voice = None
 
     def __call__(self, text: str) -> tuple[np.ndarray, int]:
+        if self.cache_dir is None:
+            return self._render(text)
+        import hashlib
+
+        import soundfile
+
+        key = hashlib.sha1(f"{self.length_scale}|{text}".encode()).hexdigest()[:16]
+        path = Path(self.cache_dir) / f"{key}.wav"
+        if path.is_file():
+            samples, rate = soundfile.read(path, dtype="float32")
+            return samples, int(rate)
+        samples, rate = self._render(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.wav")
+        soundfile.write(tmp, samples, rate, subtype="FLOAT")
+        tmp.replace(path)
+        return samples, rate
+
+    def _render(self, text: str) -> tuple[np.ndarray, int]:
         from training.data.speech import PIPER_INSTALL_HINT, trim_silence
 
         if self._voice is None:
@@ -142,8 +169,12 @@ class PiperNative:
         return trim_silence(np.concatenate(chunks).astype(np.float32)), int(self._voice.config.sample_rate)
 
 
-def spread_texts(texts: Sequence[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
-    """`limit` texts evenly spread over the list (the bank is ordered by kind)."""
+def spread_texts(texts: Sequence[tuple[str, str]], limit: int | None, seed: int = 0) -> list[tuple[str, str]]:
+    """The first `limit` texts of a seeded shuffle (the bank is ordered by kind).
+
+    A larger limit keeps the smaller one's texts, so speech rendered for a short run is reused.
+    """
     if limit is None or limit >= len(texts):
         return list(texts)
-    return [texts[i * len(texts) // limit] for i in range(limit)]
+    order = np.random.default_rng([seed, 7]).permutation(len(texts))
+    return [texts[i] for i in order[:limit]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ def say_text(engine: Engine, text: str, question: str | None = None, seed: int |
     pieces: list[np.ndarray] = []
     out = SpokenText(np.zeros(0, dtype=np.float32))
     for segment in segments:
-        segment.hidden_states = [h.to(device=models.device, dtype=models.dtype) for h in segment.hidden_states]
+        segment.hidden_states = [h.to(device=models.device, dtype=models.dtype)
+                                 for h in segment.hidden_states]
         for piece in engine.speak_segment(state, segment):
             pieces.append(piece.float().cpu().numpy())
         speech = state.speech
@@ -64,7 +66,8 @@ def codec_rate_hz(engine: Engine) -> int:
 
 
 @torch.inference_mode()
-def say_to_wav(engine: Engine, text: str, path, question: str | None = None, seed: int | None = 0) -> SpokenText:
+def say_to_wav(engine: Engine, text: str, path: Path | str, question: str | None = None,
+               seed: int | None = 0) -> SpokenText:
     """`say_text` and write a 16-bit mono wav at the codec's rate."""
     from audio_io.wav_file import write_pcm16
 

@@ -29,7 +29,15 @@ from training.tts.decoder_model import (
     make_batch,
     save_decoder_result,
 )
-from training.tts.pairs import PiperNative, Speak, SpeechPair, bank_texts, build_pairs, load_bank, spread_texts
+from training.tts.pairs import (
+    PiperNative,
+    Speak,
+    SpeechPair,
+    bank_texts,
+    build_pairs,
+    load_bank,
+    spread_texts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ class TtsDecoderConfig:
     """Speak and train on only N train texts (evenly spread)."""
     valid_limit: int = 40
     """Validation pairs for the final held-out loss (0: none)."""
+    speech_cache: Path | None = None
+    """Where piper's renderings are kept (default: `<run dir>/speech`)."""
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -75,7 +85,8 @@ def examples_of(pairs: list[SpeechPair], tokenizer: Any) -> list[DecoderExample]
 def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDecoderConfig,
                speak: Speak | None) -> dict[str, list[SpeechPair]]:
     """Train and valid pairs, spoken and encoded once into `run_dir/pairs.jsonl`."""
-    bank, speak = load_bank(data), speak or PiperNative()
+    bank = load_bank(data)
+    speak = speak or PiperNative(cache_dir=config.speech_cache or run_dir / "speech")
     limits = {"train": config.train_limit, "valid": config.valid_limit}
     return {split: build_pairs(run_dir / PAIRS_NAME, spread_texts(bank_texts(bank, split), limits[split]),
                                split, speak, codec.encode_wav, config.max_codec_tokens)

@@ -52,6 +52,8 @@ class TtsPrefixConfig:
     valid_limit: int = 20
     role: str = DEFAULT_ROLE
     """System role of the teacher-forced dialogue (the one the speech input is trained with)."""
+    speech_cache: Path | None = None
+    """Where piper's renderings are kept (default: `<run dir>/speech`)."""
     init_from_layers: bool = True
     """Start prefix layer i as a copy of NAR/AR layer i (its K/V then already live in the space
     that layer reads), instead of the untrained initialisation tts-decoder left."""
@@ -105,7 +107,7 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
     causal_lm, tokenizer = load_frozen_llm(llm_dir)
     embed = causal_lm.get_input_embeddings()
     segments = _split_segments(run_dir, causal_lm, tokenizer, data, config)
-    speak = speak or PiperNative()
+    speak = speak or PiperNative(cache_dir=config.speech_cache or run_dir / "speech")
     train, valid = (_examples(run_dir, segments[s], s, tokenizer, speak, codec, config.max_codec_tokens)
                     for s in ("train", "valid"))
     if not train:
@@ -115,7 +117,8 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
             prefix_layer.load_state_dict(layer.state_dict())
     for name, param in decoder.named_parameters():
         param.requires_grad_(name.startswith("layers_prefix."))
-    frozen_before = {k: v.clone() for k, v in decoder.state_dict().items() if not k.startswith("layers_prefix.")}
+    frozen_before = {k: v.clone() for k, v in decoder.state_dict().items()
+                     if not k.startswith("layers_prefix.")}
     dims, size = decoder.dims, min(config.batch_pairs, len(train))
     logger.info("tts-prefix: %d train segments, %d valid", len(train), len(valid))
     no_prefix = held_out_loss(decoder, [DecoderExample(e.text_ids, e.tokens) for e in valid], embed)

@@ -18,7 +18,8 @@ from assistant.segmentation import Segment, SegmentationRule, Segmenter
 from quantized_models.llm import ChatLayout
 
 
-def context_ids(tokenizer: Any, layout: ChatLayout, question: str | None, role: str | None = None) -> list[int]:
+def context_ids(tokenizer: Any, layout: ChatLayout, question: str | None,
+                role: str | None = None) -> list[int]:
     """Token ids before the first answer token (system, user turn, assistant suffix)."""
     text_role = layout.default_role if role is None else role
     ids = tokenizer.encode(layout.system_header + text_role, add_special_tokens=False)
