@@ -22,7 +22,7 @@ logger = logging.getLogger("freeze_omni")
 
 def _add_respond(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("respond", help="answer one spoken question from a wav file")
-    _add_model_args(p)
+    _add_model_args(p, required=False)  # default: the embedded model
     p.add_argument("--input", type=Path, required=True, help="question audio (any rate, any channels)")
     p.add_argument("--output", type=Path, required=True, help="answer wav (24 kHz mono PCM16)")
     p.add_argument("--turn-end", choices=["file", "model"], default="model",
@@ -87,8 +87,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model-dir", type=Path, required=required, help="Freeze-Omni checkpoint directory")
-    p.add_argument("--llm-dir", type=Path, required=required, help="local Hugging Face LLM directory")
+    default = "" if required else " (default: the embedded small model)"
+    p.add_argument("--model-dir", type=Path, required=required, help="Freeze-Omni checkpoint directory" + default)
+    p.add_argument("--llm-dir", type=Path, required=required, help="local Hugging Face LLM directory" + default)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
     p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
@@ -199,10 +200,13 @@ def run_respond(args: argparse.Namespace) -> int:
     from assistant.engine import Engine
     from assistant.respond import TurnEnd, run_turn
     from audio_io.wav_file import read_mono, write_pcm16
+    from quantized_models.embedded_model import resolve_model_paths
     from quantized_models.model_dir import check_model_dir
 
-    check_model_dir(args.model_dir)  # fail fast, before reading audio or loading the LLM
+    if args.model_dir is not None:
+        check_model_dir(args.model_dir)  # fail fast, before reading audio or loading the LLM
     samples = read_mono(args.input, INPUT_RATE_HZ)
+    args.model_dir, args.llm_dir = resolve_model_paths(args.model_dir, args.llm_dir)
     models = _load_for_dialogue(args)
     if models.codec.dims.sampling_rate != OUTPUT_RATE_HZ:
         logger.warning("codec rate is %d Hz", models.codec.dims.sampling_rate)
@@ -256,10 +260,14 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def _load_from_config(config):
-    """The dialogue models that `config.models` names (for `run` and `serve`)."""
+    """The dialogue models that `config.models` names, or the embedded ones (for `run` and `serve`)."""
+    from quantized_models.embedded_model import resolve_model_paths
+
     models = config.models
+    model_dir, llm_dir = resolve_model_paths(*(None if value is None else Path(value).expanduser()
+                                               for value in (models.model_dir, models.llm_dir)))
     return _load_for_dialogue(argparse.Namespace(
-        model_dir=Path(models.model_dir).expanduser(), llm_dir=Path(models.llm_dir).expanduser(),
+        model_dir=model_dir, llm_dir=llm_dir,
         backend=models.backend, onnx_dir=models.onnx_dir and Path(models.onnx_dir).expanduser(),
         quantization=models.quantization, device=models.device, dtype=models.dtype))
 

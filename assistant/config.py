@@ -45,9 +45,9 @@ DEFAULTS = "default"
 @dataclass(frozen=True)
 class ModelsConfig:
     model_dir: str | None = None
-    """Freeze-Omni checkpoint directory (audiollm/, decoder/, codec/); required by `run`."""
+    """Freeze-Omni checkpoint directory (audiollm/, decoder/, codec/); unset: the embedded model."""
     llm_dir: str | None = None
-    """Local Hugging Face directory of the frozen LLM; required by `run`."""
+    """Local Hugging Face directory of the frozen LLM; unset with model_dir: the embedded model's."""
     backend: str = "torch"
     """Encoder, speech decoder and codec on `torch` or `onnx` (onnxruntime)."""
     onnx_dir: str | None = None

@@ -15,6 +15,7 @@ from assistant.dialogue import DecisionThresholds
 from assistant.engine import Engine, EngineOptions, SpeechEmission
 from assistant.segmentation import SegmentationRule
 from audio_io.vad import VadChunkGate
+from quantized_models.embedded_model import embedded_model_dir
 from quantized_models.sampling import TextSamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,15 @@ def load_run_config(args: argparse.Namespace, check_paths: bool = True) -> Loade
     if problems:
         raise ConfigError(problems)
     loaded = load_config(getattr(args, "config", None), cli=flags, check_paths=check_paths)
+    models = loaded.config.models
+    if models.model_dir is None and models.llm_dir is None and embedded_model_dir() is not None:
+        return loaded  # the embedded default model
     missing = [Problem("configuration", key, f"not set: pass {flag} or set {key} in a config file")
                for key, flag in (("models.model_dir", "--model-dir"), ("models.llm_dir", "--llm-dir"))
                if getattr(loaded.config.models, key.split(".")[1]) is None]
+    if models.model_dir is None and models.llm_dir is None:
+        missing = [Problem("configuration", "models.model_dir", "not set and this install has no embedded "
+                           "default model: pass --model-dir and --llm-dir or set models.* in a config file")]
     if missing:
         raise ConfigError(missing)
     return loaded

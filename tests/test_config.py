@@ -153,9 +153,12 @@ def test_run_refuses_a_bad_flag_value_before_loading_anything(capsys, tmp_path, 
 
 
 def test_run_without_models_says_how_to_give_them(capsys, tmp_path, monkeypatch):
+    import quantized_models.embedded_model as embedded
+
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setattr(embedded, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
     assert main(["run"]) == 2
-    assert "models.model_dir: not set: pass --model-dir" in capsys.readouterr().err
+    assert "models.model_dir: not set and this install has no embedded default model" in capsys.readouterr().err
 
 
 # ---- show and the shipped example --------------------------------------------------------------
