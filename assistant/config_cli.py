@@ -78,12 +78,19 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SECRET_KEYS = frozenset({"server.token"})
+"""Shown as `<set>` (or empty): `config show` output ends up in bug reports and logs."""
+
+
 def render(loaded: LoadedConfig) -> str:
-    """The merged configuration as YAML, each value commented with its source (valid as a config file)."""
+    """The merged configuration as YAML, each value commented with its source (valid as a config
+    file, except that secrets are masked)."""
     lines = []
     for section, values in as_dict(loaded.config).items():
         lines.append(f"{section}:")
         for name, value in values.items():
+            if f"{section}.{name}" in SECRET_KEYS and value:
+                value = "<set>"
             text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
             entry = f"  {name}: {text}"
             lines.append(f"{entry:<48} # {loaded.sources[f'{section}.{name}']}")

@@ -175,6 +175,14 @@ def test_show_prints_merged_values_with_sources_as_valid_yaml(capsys, tmp_path, 
     assert shown["vad"]["aggressiveness"] == 1 and shown["dialogue"]["respond_probability"] == 0.7
 
 
+def test_show_masks_the_server_token(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("FREEZE_OMNI_SERVER__TOKEN", "s3cret-value")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-value" not in out and yaml.safe_load(out)["server"]["token"] == "<set>"
+
+
 def test_example_config_is_valid_and_documents_every_key():
     data = yaml.safe_load(EXAMPLE.read_text())
     written = {f"{section}.{name}" for section, body in data.items() for name in body}
