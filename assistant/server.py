@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from assistant import protocol
+from assistant.config import ServerConfig
 from assistant.conversation import Conversation
 from assistant.protocol import Frame, ProtocolError
 from assistant.scheduler import Scheduler, SchedulerFull
@@ -37,24 +38,26 @@ CHUNK_SAMPLES = 2560
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """What the running server needs; defaults are the `server` config section's (one place)."""
+
     socket_path: str | None = None
     """Unix socket to listen on (None: none)."""
     tcp_enabled: bool = False
-    tcp_host: str = "127.0.0.1"
+    tcp_host: str = ServerConfig.tcp_host
     """TCP address; anything but loopback needs `token`."""
-    tcp_port: int = 10700
+    tcp_port: int = ServerConfig.tcp_port
     """TCP port (0: any free port)."""
     token: str = ""
     """Shared secret a TCP client gives in `session-start` (required for a non-local bind)."""
-    max_payload_bytes: int = 65_536
+    max_payload_bytes: int = ServerConfig.max_payload_bytes
     """Largest payload of one event (bytes)."""
-    send_queue_events: int = 256
+    send_queue_events: int = ServerConfig.send_queue_events
     """Events queued for one client at most; audio beyond it is dropped."""
-    max_dropped_events: int = 256
+    max_dropped_events: int = ServerConfig.max_dropped_events
     """A client that has lost this many events is disconnected as a slow reader."""
-    keepalive_timeout_s: float = 30.0
+    keepalive_timeout_s: float = ServerConfig.keepalive_timeout_s
     """A client silent (not even `ping`) for this long is disconnected."""
-    max_lead_s: float = 2.0
+    max_lead_s: float = ServerConfig.client_lead_s
     """Audio generated ahead of a client's playback at most (seconds)."""
     min_barge_in_chunks: int = 3
     """`turn_end: model`: interruptions shorter than this many 160 ms chunks are ignored."""
