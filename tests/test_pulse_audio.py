@@ -95,14 +95,15 @@ def test_microphone_reaches_the_model_at_16k(pulse, rate_hz):
     with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, input_rate_hz=rate_hz, output_rate_hz=rate_hz) as stream:
         settle(stream)
         player = pulse.play_into(resample(speech, 16_000, MONITOR_RATE_HZ), MONITOR_RATE_HZ, sink="mic")
-        heard = read_for(stream, len(speech) / 16_000 + 1.0)
+        # pacat itself may take a second to start on a busy machine: read long enough for that
+        heard = read_for(stream, len(speech) / 16_000 + 2.5)
         player.wait(timeout=5)
         assert stream.overruns == 0
     correlation = np.correlate(heard, speech, "valid")
     lag = int(np.argmax(np.abs(correlation)))
     segment = heard[lag:lag + len(speech)]
     similarity = float(np.dot(segment, speech) / np.linalg.norm(segment) / np.linalg.norm(speech))
-    assert similarity > 0.95 and lag < 8_000, (similarity, lag)
+    assert similarity > 0.95 and lag < 32_000, (similarity, lag)  # the right rate, nothing dropped
 
 
 def test_echo_cancelled_through_real_streams(pulse, record_property):
