@@ -74,10 +74,14 @@ def answer_segments(causal_lm, tokenizer, questions: list[str], answers: dict[st
 def _split_segments(run_dir: Path, causal_lm, tokenizer, data: Path, config: TtsPrefixConfig) -> dict:
     """Segments by split, computed once into `run_dir/segments.pt`."""
     path = run_dir / SEGMENTS_NAME
+    wanted = {"train_limit": config.train_limit, "valid_limit": config.valid_limit, "role": config.role}
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached.get("settings") == wanted:
+            return cached
+        logger.info("%s was made with other settings; computing the segments again", path)
     bank = load_bank(data)
-    out = {}
+    out: dict[str, Any] = {"settings": wanted}
     for split, limit in (("train", config.train_limit), ("valid", config.valid_limit)):
         asked = [(q, "question") for q in bank.questions.get(split, []) if bank.answers.get(q)]
         questions = [q for q, _ in spread_texts(asked, limit)] if limit != 0 else []
