@@ -97,7 +97,8 @@ def eval_tts(engine: Any, data: Path, top_ks: Sequence[int] = (1, 2, 3, 4, 5),
         speech_cache: folder of piper renderings to reuse (see `PiperNative`).
     """
     from training.tts.pairs import PiperNative
-    from training.tts.speak import codec_rate_hz, say_text
+    from training.tts.speak import codec_rate_hz, speak_segments
+    from training.tts.teacher import teacher_forced_segments
 
     speak = speak or PiperNative(cache_dir=speech_cache)
     recognize = recognize or Recognizer()
@@ -109,10 +110,12 @@ def eval_tts(engine: Any, data: Path, top_ks: Sequence[int] = (1, 2, 3, 4, 5),
         samples, rate = speak(answer)
         reference.errors += word_errors(normalise_words(recognize(samples, rate)), ref)
         reference.words += len(ref)
+        models = engine.models  # one teacher-forced LLM pass per answer serves every setting
+        segments = teacher_forced_segments(models.llm.causal_lm, models.tokenizer, models.llm.layout, answer,
+                                           question, None, engine.options.segmentation)
         for (k, use_prefix), tally in tallies.items():
-            engine_k = _with_top_k(engine, k)
-            with prefix_used(engine.models, use_prefix):
-                spoken = say_text(engine_k, answer, question, seed)
+            with prefix_used(models, use_prefix):
+                spoken = speak_segments(_with_top_k(engine, k), segments, seed)
             hyp = normalise_words(recognize(spoken.pcm, codec_rate_hz(engine)))
             tally.errors += word_errors(hyp, ref)
             tally.words += len(ref)

@@ -16,6 +16,7 @@ import torch
 
 from assistant.detokenizer import IncrementalDetokenizer
 from assistant.engine import Engine
+from assistant.segmentation import Segment
 from assistant.session import AnswerState
 from training.tts.teacher import teacher_forced_segments
 
@@ -40,6 +41,12 @@ def say_text(engine: Engine, text: str, question: str | None = None, seed: int |
     models = engine.models
     segments = teacher_forced_segments(models.llm.causal_lm, models.tokenizer, models.llm.layout, text,
                                        question, role, engine.options.segmentation)
+    return speak_segments(engine, segments, seed)
+
+
+def speak_segments(engine: Engine, segments: list[Segment], seed: int | None = 0) -> SpokenText:
+    """The engine's speech for the segments of one answer, in a fresh session."""
+    models = engine.models
     state = engine.new_session(seed)
     # An answer record makes the engine apply its first-segment emission settings once.
     state.answer = AnswerState(detokenizer=IncrementalDetokenizer(models.tokenizer),
@@ -47,9 +54,8 @@ def say_text(engine: Engine, text: str, question: str | None = None, seed: int |
     pieces: list[np.ndarray] = []
     out = SpokenText(np.zeros(0, dtype=np.float32))
     for segment in segments:
-        segment.hidden_states = [h.to(device=models.device, dtype=models.dtype)
-                                 for h in segment.hidden_states]
-        for piece in engine.speak_segment(state, segment):
+        hidden = [h.to(device=models.device, dtype=models.dtype) for h in segment.hidden_states]
+        for piece in engine.speak_segment(state, Segment(segment.text, hidden)):
             pieces.append(piece.float().cpu().numpy())
         speech = state.speech
         assert speech is not None
