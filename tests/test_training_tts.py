@@ -232,7 +232,8 @@ def test_pairs_are_spoken_once_and_resumed(tmp_path: Path) -> None:
         spoken.append(text)
         return fake_speak(text)
 
-    texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement")]
+    texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement"),
+             ('"', "answer")]  # a lone quote left by the sentence split: nothing to say
     path = tmp_path / "pairs.jsonl"
     build_pairs(path, texts[:2], "train", speak, FakeCodec().encode_wav, max_tokens=100)
     with path.open("a") as f:

@@ -55,11 +55,20 @@ def load_bank(data: Path) -> TextBank:
 
 def sentences(text: str) -> list[str]:
     """Sentences of an answer, split where the engine's sentence rule would cut (. ? !)."""
-    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    return [s.strip() for s in _SENTENCE.findall(text) if speakable(s)]
+
+
+def speakable(text: str) -> bool:
+    """Whether there is anything to say (a lone quote or dash left by the split is not)."""
+    return any(c.isalnum() for c in text)
 
 
 def bank_texts(bank: TextBank, split: str) -> list[tuple[str, str]]:
-    """(text, source) of a split: statements, questions, then answer sentences; distinct."""
+    """(text, source) of a split: statements, questions, then answer sentences; distinct.
+
+    Texts without a letter or digit stay in the list (so a selection made on it stays the same);
+    `build_pairs` skips them.
+    """
     out: dict[str, str] = {}
     for text in bank.statements.get(split, []):
         out.setdefault(text, "statement")
@@ -98,7 +107,7 @@ def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak:
         if torn:
             f.write("\n")  # close a line cut by a kill, so the next pair starts on its own line
         for text, source in wanted:
-            if (text, split) in done:
+            if (text, split) in done or not speakable(text):
                 continue
             samples, rate = speak(text)
             tokens = [int(t) for t in encode(samples, rate)]
@@ -109,7 +118,7 @@ def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak:
             made += 1
             if made % 100 == 0:
                 logger.info("%s: %d pairs made", path.name, made)
-    pairs = [done[(t, split)] for t, _ in wanted]
+    pairs = [done[(t, split)] for t, _ in wanted if (t, split) in done]
     kept = [p for p in pairs if 0 < len(p.tokens) <= max_tokens]
     if len(kept) < len(pairs):
         logger.info("%d of %d pairs are longer than %d codec ids and left out", len(pairs) - len(kept),
