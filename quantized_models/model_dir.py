@@ -26,6 +26,8 @@ from quantized_models.frontend import load_json_cmvn
 from quantized_models.llm import AudioLlmDims, AudioLlmHeads, ChatLayout, FrozenLlm
 from quantized_models.speech_decoder import DecoderDims, SpeechDecoder, load_speech_decoder
 from quantized_models.strict_load import load_strict
+from quantized_models.world_codec import CODEC_TYPE as WORLD_CODEC_TYPE
+from quantized_models.world_codec import WorldCodec, load_world_codec, read_codec_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class FreezeOmniModels:
     llm: FrozenLlm
     tokenizer: Any
     decoder: SpeechDecoder
-    codec: CodecDecoder
+    codec: CodecDecoder | WorldCodec
+    """The released TiCodec generator, or a WORLD VQ codec (`codec_type` in codec/model.json)."""
     device: torch.device
     dtype: torch.dtype
     backends: Backends
@@ -175,6 +178,18 @@ def load_decoder(model_dir: Path, llm_hidden: int) -> SpeechDecoder:
     return load_speech_decoder(ckpt_path, dims)
 
 
+def load_codec_folder(codec_dir: Path) -> CodecDecoder | WorldCodec:
+    """The codec of `codec_dir` by its model.json `codec_type`: absent = the released TiCodec."""
+    json_path = codec_dir / "model.json"
+    codec_type = read_codec_json(json_path).get("codec_type")
+    if codec_type == WORLD_CODEC_TYPE:
+        return load_world_codec(codec_dir)
+    if codec_type is not None:
+        raise ModelLoadError(f"{json_path}: unknown codec_type {codec_type!r} (known: {WORLD_CODEC_TYPE!r}, "
+                             "or none for the released TiCodec)")
+    return load_codec(codec_dir / "final.pt", CodecDims.from_model_json(json_path))
+
+
 def _read_server_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "server.json"
     if not path.is_file():
@@ -200,8 +215,7 @@ def load_models(
     n_mels, encoder, adapter, heads, dims = load_audiollm(model_dir)
     # Our own (small) files first, so a broken one is reported before the big LLM loads.
     decoder = load_decoder(model_dir, dims.llm_embed_dim)
-    codec_dims = CodecDims.from_model_json(model_dir / "codec" / "model.json")
-    codec = load_codec(model_dir / "codec" / "final.pt", codec_dims)
+    codec = load_codec_folder(model_dir / "codec")
     causal_lm, tokenizer = load_llm(llm_dir, dims, dtype, device, quantization)
     layout = ChatLayout.from_template(dims.chat_template, tokenizer)
     llm = FrozenLlm(causal_lm, heads, layout)

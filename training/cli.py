@@ -52,6 +52,10 @@ from training.stages_cli import STAGE_HANDLERS, STAGE_PARSERS  # noqa: E402  (st
 
 STEP_PARSERS.update(STAGE_PARSERS)
 TRAIN_HANDLERS.update(STAGE_HANDLERS)
+from training.codec.cli import CODEC_STEP_HANDLERS, CODEC_STEP_PARSERS  # noqa: E402  (codec)
+
+STEP_PARSERS.update(CODEC_STEP_PARSERS)
+TRAIN_HANDLERS.update(CODEC_STEP_HANDLERS)
 from training.tts.cli import TTS_HANDLERS, TTS_PARSERS  # noqa: E402  (tts-decoder, tts-prefix, tts-export)
 
 STEP_PARSERS.update(TTS_PARSERS)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from training.eval import METRIC_KEYS, eval_asr, eval_states
+from training.codec.cli import add_codec_eval_parser, run_codec_eval
 from training.tts.cli import add_tts_eval_parser, run_eval_tts
 
 
@@ -24,6 +25,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--limit", type=int, default=None, help="evaluate only N utterances, evenly spread over the test split")
         p.add_argument("--json", action="store_true", help="print one JSON object")
     add_tts_eval_parser(kinds)
+    add_codec_eval_parser(kinds)
     p = sub.add_parser("transcribe", help="print the frozen LLM's transcript of a speech file")
     _add_model_args(p)
     p.add_argument("--input", type=Path, required=True, help="speech wav (any rate, any channels)")
@@ -53,6 +55,8 @@ def _load(args: argparse.Namespace):
 def run_eval(args: argparse.Namespace) -> int:
     if args.eval_kind == "tts":
         return run_eval_tts(args)
+    if args.eval_kind == "codec":  # needs no model directory or LLM
+        return run_codec_eval(args)
     models = _load(args)
     keys = METRIC_KEYS
     if args.eval_kind == "asr":

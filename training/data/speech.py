@@ -100,14 +100,19 @@ class PiperSpeaker:
 
     def speak(self, text: str, delivery: Delivery) -> np.ndarray:
         """piper speech of `text`, float32 at 16 kHz, ends trimmed."""
+        samples, rate_hz = self.speak_native(text, delivery.length_scale)
+        return trim_silence(to_16k(samples, rate_hz))
+
+    def speak_native(self, text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
+        """piper speech of `text` at the voice's own rate (22.05 kHz), untrimmed: (float32 [S], rate)."""
         from piper import SynthesisConfig
 
         voice = self._load()
-        config = SynthesisConfig(length_scale=delivery.length_scale)
+        config = SynthesisConfig(length_scale=length_scale)
         chunks = [c.audio_float_array for c in voice.synthesize(text, config)]  # one per sentence
         if not chunks:
             raise RuntimeError(f"piper produced no audio for {text!r}")
-        return trim_silence(to_16k(np.concatenate(chunks), voice.config.sample_rate))
+        return np.concatenate(chunks).astype(np.float32), int(voice.config.sample_rate)
 
 
 class Speakers:

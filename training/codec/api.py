@@ -1,0 +1,67 @@
+"""`load_codec_encoder(codec_dir)`: audio <-> codec ids with a trained WORLD VQ codec (see __init__)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from quantized_models.errors import ModelLoadError
+from quantized_models.world_codec import WorldCodec, load_world_codec
+
+
+def resample(samples: np.ndarray, rate_hz: int, target_hz: int) -> np.ndarray:
+    """Polyphase resampling (deterministic), float32 [S'] ."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if rate_hz == target_hz:
+        return samples
+    g = gcd(int(rate_hz), int(target_hz))
+    return resample_poly(samples, target_hz // g, rate_hz // g).astype(np.float32)
+
+
+class CodecEncoder:
+    """Encode speech to codec ids and decode ids to speech, both at the codec's settings."""
+
+    def __init__(self, codec: WorldCodec) -> None:
+        self.codec = codec
+
+    @property
+    def n_codes(self) -> int:
+        return self.codec.dims.n_codes
+
+    @property
+    def samples_per_token(self) -> int:
+        return self.codec.dims.samples_per_token
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self.codec.dims.sampling_rate
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.codec.dims.tokens_per_s
+
+    def encode_wav(self, samples: np.ndarray, rate_hz: int) -> np.ndarray:
+        """Mono float pcm [S] at `rate_hz` -> ids int64 [ceil(S * sample_rate_hz / rate_hz / spt)]."""
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz must be positive, got {rate_hz}")
+        return self.codec.encode(resample(samples, rate_hz, self.sample_rate_hz))
+
+    def decode(self, tokens: np.ndarray | Sequence[int]) -> np.ndarray:
+        """ids [T] -> float32 pcm [T * samples_per_token] at sample_rate_hz."""
+        return self.codec.decode_ids(np.asarray(tokens, dtype=np.int64))
+
+
+def load_codec_encoder(codec_dir: Path | str) -> CodecEncoder:
+    """The codec in `codec_dir` (a model's `codec/` folder: model.json + final.pt).
+
+    Raises:
+        ModelLoadError: the folder or a file is missing, or not a WORLD VQ codec.
+    """
+    codec_dir = Path(codec_dir)
+    if not (codec_dir / "model.json").is_file():
+        raise ModelLoadError(f"{codec_dir} is not a codec folder: {codec_dir / 'model.json'} is missing "
+                             "(train one with: freeze-omni train codec --out DIR)")
+    return CodecEncoder(load_world_codec(codec_dir))

@@ -1,0 +1,47 @@
+"""Word error rate with the offline recognizer pocketsphinx (its wheel's English model)."""
+from __future__ import annotations
+
+import logging
+from math import gcd
+from typing import Any
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from quantized_models.errors import ModelLoadError
+from training.eval import normalise_words, word_errors
+
+logger = logging.getLogger(__name__)
+
+ASR_RATE_HZ = 16_000  # pocketsphinx's en-us acoustic model is trained on 16 kHz speech
+
+
+class Recognizer:
+    """One pocketsphinx decoder, reused for every utterance (loading it takes about 1 s)."""
+
+    def __init__(self) -> None:
+        try:
+            from pocketsphinx import Decoder
+        except ImportError as err:
+            raise ModelLoadError("the codec evaluation needs pocketsphinx: pip install pocketsphinx") from err
+        self._decoder: Any = Decoder(samprate=ASR_RATE_HZ, loglevel="FATAL")
+
+    def transcribe(self, samples: np.ndarray, rate_hz: int) -> str:
+        """Transcript of float pcm [S] at `rate_hz` (resampled to 16 kHz)."""
+        if rate_hz != ASR_RATE_HZ:
+            g = gcd(rate_hz, ASR_RATE_HZ)
+            samples = resample_poly(samples, ASR_RATE_HZ // g, rate_hz // g)
+        pcm16 = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        dec = self._decoder
+        dec.start_utt()
+        dec.process_raw(pcm16, full_utt=True)
+        dec.end_utt()
+        hyp = dec.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    def errors(self, samples: np.ndarray, rate_hz: int, reference: str) -> tuple[int, int]:
+        """(word errors, reference words) of one utterance."""
+        ref = normalise_words(reference)
+        hyp = normalise_words(self.transcribe(samples, rate_hz))
+        logger.debug("ref: %s | hyp: %s", " ".join(ref), " ".join(hyp))
+        return word_errors(hyp, ref), len(ref)
