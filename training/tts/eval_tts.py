@@ -16,37 +16,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from training.eval import normalise_words, spread, word_errors
 
 logger = logging.getLogger(__name__)
 
-RECOGNIZER_RATE_HZ = 16_000
 METRIC_KEYS = ("wer", "reference_wer", "ratio", "eos_rate", "n")
 RELEASED_TOP_K = 2  # server.json decoder_top_k
-
-
-class Recognizer:
-    """pocketsphinx with its bundled US-English model; float samples in, text out."""
-
-    def __init__(self) -> None:
-        try:
-            from pocketsphinx import Decoder
-        except ImportError as err:
-            raise RuntimeError("eval tts needs pocketsphinx: pip install pocketsphinx") from err
-        self._decoder = Decoder(samprate=RECOGNIZER_RATE_HZ, loglevel="FATAL")
-
-    def __call__(self, samples: np.ndarray, rate_hz: int) -> str:
-        from training.data.speech import to_16k
-
-        x = to_16k(np.asarray(samples, dtype=np.float32), rate_hz)
-        pcm = (np.clip(x, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
-        self._decoder.start_utt()
-        self._decoder.process_raw(pcm, full_utt=True)
-        self._decoder.end_utt()
-        hyp = self._decoder.hyp()
-        return "" if hyp is None else hyp.hypstr
 
 
 @contextlib.contextmanager
@@ -93,7 +69,7 @@ def eval_tts(engine: Any, data: Path, top_ks: Sequence[int] = (1, 2, 3, 4, 5),
     Args:
         engine: an `Engine` over the model directory to evaluate.
         speak: text -> (samples, rate) of the reference voice (default: piper).
-        recognize: (samples, rate) -> text (default: pocketsphinx).
+        recognize: (samples, rate) -> text (default: pocketsphinx, `training.codec.asr`).
         speech_cache: folder of piper renderings to reuse (see `PiperNative`).
     """
     from training.tts.pairs import PiperNative
@@ -101,7 +77,10 @@ def eval_tts(engine: Any, data: Path, top_ks: Sequence[int] = (1, 2, 3, 4, 5),
     from training.tts.teacher import teacher_forced_segments
 
     speak = speak or PiperNative(cache_dir=speech_cache)
-    recognize = recognize or Recognizer()
+    if recognize is None:
+        from training.codec.asr import Recognizer
+
+        recognize = Recognizer().transcribe
     answers = held_out_answers(data, limit)
     reference = Tally()
     tallies = {(k, p): Tally() for p in prefixes for k in top_ks}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The speech-output recipe (training issue part 2, after the codec): tts-decoder, tts-prefix,
+# export beside the codec, `say`, evaluation. Every step resumes when re-run with the same WORK.
+#   bash tools/train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]
+# Sizes are for a shared 2-core CPU (see training/README.md, "Speech output"); raise them on a GPU.
+set -euo pipefail
+WORK=${1:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
+CODEC=${2:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
+OUT=${3:-$WORK/model}
+BANK=${BANK:-training/data/banks/full-seed0.texts.json}
+mkdir -p "$WORK"
+[ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
+    --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-400}" \
+    --steps "${DECODER_STEPS:-1500}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 50 --threads 2
+[ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
+    --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
+    --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
+    --checkpoint-every 50 --threads 2
+freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
+freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
+    --output "$WORK/say.wav"
+freeze-omni eval tts --model-dir "$OUT" --data "$BANK" --limit "${EVAL_ANSWERS:-10}" \
+    --speech-cache "$WORK/speech" --json | tee "$WORK/eval_tts.json"
