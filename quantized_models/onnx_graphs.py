@@ -264,6 +264,9 @@ def decoder_specs(decoder: SpeechDecoder) -> list[GraphSpec]:
 
 
 def codec_spec(codec: CodecDecoder) -> GraphSpec:
+    if not isinstance(codec, CodecDecoder):  # the WORLD VQ codec synthesises with pyworld, not torch
+        raise ValueError(f"the {type(codec).__name__} codec has no ONNX graph; only the released TiCodec "
+                         "generator can be exported")
     return GraphSpec(
         file_name=CODEC_WINDOW_FILE, component="codec", module=CodecWindowGraph(codec),
         example=(torch.arange(7, dtype=torch.int64) % codec.dims.n_codes,),

@@ -24,8 +24,8 @@ def _add_train_codec(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--sentences", type=int, default=DEFAULT_TRAIN_SENTENCES,
                    help="training sentences (from the text bank's train split)")
     p.add_argument("--codes", type=int, default=1024, help="codebook size")
-    p.add_argument("--net-steps", type=int, default=1500,
-                   help="feature-decoder steps (0: decode codebook centroids only)")
+    p.add_argument("--net-steps", type=int, default=0,
+                   help="feature-decoder steps (default 0: decode codebook centroids; the net overfits at this data size, see training/README.md)")
 
 
 def run_train_codec(args: argparse.Namespace) -> int:

@@ -62,15 +62,23 @@ def render(texts: list[str], rate_hz: int, desc: str) -> Corpus:
 
 
 def load_or_render(cache: Path, texts: list[str], rate_hz: int, desc: str) -> Corpus:
-    """`render`, reusing `cache` (an .npz written by an earlier run with the same texts)."""
+    """`render`, reusing `cache` (an .npz of an earlier run) for the texts it starts with.
+
+    Sentences are drawn from one seeded permutation, so a larger run with the same seed
+    starts with a smaller run's sentences and only renders the rest.
+    """
+    done: list[np.ndarray] = []
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
-            if list(data["texts"]) == texts and int(data["rate_hz"]) == rate_hz:
+            cached = list(data["texts"])
+            if int(data["rate_hz"]) == rate_hz and cached[: len(texts)] == texts[: len(cached)]:
                 bounds = np.cumsum(data["lengths"])[:-1]
-                logger.info("reusing the rendered audio in %s", cache)
-                return Corpus(texts, np.split(data["audio"], bounds), rate_hz)
-        logger.info("%s holds other sentences; rendering again", cache)
-    corpus = render(texts, rate_hz, desc)
+                done = np.split(data["audio"], bounds)[: len(texts)]
+        logger.info("reusing %d rendered sentences of %s", len(done), cache)
+    if len(done) == len(texts):
+        return Corpus(texts, done, rate_hz)
+    corpus = render(texts[len(done):], rate_hz, desc)
+    corpus = Corpus(texts, done + corpus.audio, rate_hz)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, texts=np.array(texts), rate_hz=rate_hz, lengths=[a.size for a in corpus.audio],
              audio=np.concatenate(corpus.audio))

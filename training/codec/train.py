@@ -17,8 +17,8 @@ SAMPLES_PER_TOKEN = 480  # 20 ms: 50 ids/s (the released TiCodec: 600 samples, 4
 FRAMES_PER_TOKEN = 4  # 5 ms WORLD frames
 SP_DIMS = 40  # coded spectral envelope coefficients per frame
 F0_RANGE_HZ = (60.0, 400.0)  # the joe voice speaks at about 90-200 Hz
-WEIGHTS = (1.0, 0.5, 0.5, 0.5)  # envelope, log f0, voicing, aperiodicity in the k-means distance
-FEATURE_DECODER = {"embed_dims": 128, "channels": 192, "kernel": 5, "layers": 3}  # +-6 ids of context
+WEIGHTS = (1.0, 0.25, 0.25, 0.25)  # envelope, log f0, voicing, aperiodicity in the k-means distance
+FEATURE_DECODER = {"embed_dims": 96, "channels": 128, "kernel": 5, "layers": 3}  # +-6 ids of context
 
 
 def default_config(n_codes: int, feature_decoder: bool) -> WorldCodecConfig:
@@ -30,7 +30,7 @@ def default_config(n_codes: int, feature_decoder: bool) -> WorldCodecConfig:
     )
 
 
-def train_codec(out: Path, seed: int, sentences: int, n_codes: int = 1024, net_steps: int = 1500) -> dict:
+def train_codec(out: Path, seed: int, sentences: int, n_codes: int = 1024, net_steps: int = 0) -> dict:
     """Fit on `sentences` piper sentences of the bank's train split; write `out/codec/`.
 
     The rendered audio is kept in `out/corpus-train.npz`, so a second run with the same
