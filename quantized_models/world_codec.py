@@ -71,7 +71,8 @@ def _load_extension() -> ModuleType:
             module = importlib.util.module_from_spec(ext)
             ext.loader.exec_module(module)
             return module
-    raise ModelLoadError("pyworld is installed without its compiled extension; reinstall: pip install pyworld")
+    raise ModelLoadError("pyworld is installed without its compiled extension; "
+                         "reinstall: pip install pyworld")
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,8 @@ def load_world_codec(codec_dir: Path | str) -> WorldCodec:
 
 
 def save_world_codec(codec_dir: Path | str, config: WorldCodecConfig, codebook: np.ndarray,
-                     mean: np.ndarray, scale: np.ndarray, feature_decoder: FeatureDecoder | None = None) -> None:
+                     mean: np.ndarray, scale: np.ndarray,
+                     feature_decoder: FeatureDecoder | None = None) -> None:
     """Write model.json and the codebook file (float32; the feature decoder's weights inside)."""
     codec_dir = Path(codec_dir)
     codec_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ def _config(feature_decoder: bool) -> WorldCodecConfig:
     return WorldCodecConfig(
         sampling_rate=RATE_HZ, samples_per_token=480, frames_per_token=4, groups_per_token=1,
         n_codes=32, sp_dims=20, f0_floor_hz=60.0, f0_ceil_hz=400.0, weights=(1.0, 0.5, 0.5, 0.5),
-        feature_decoder={"embed_dims": 16, "channels": 24, "kernel": 3, "layers": 2} if feature_decoder else None,
+        feature_decoder=(
+            {"embed_dims": 16, "channels": 24, "kernel": 3, "layers": 2} if feature_decoder else None
+        ),
     )
 
 
@@ -50,8 +52,8 @@ def signals() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def codec(signals: list[np.ndarray]) -> WorldCodec:
-    fitted, _ = fit_codec(_config(True), signals[:3], FitSettings(kmeans_iters=8, net_steps=120, net_crop_tokens=16,
-                                                                   net_batch=8, net_lr=5e-3), seed=0)
+    settings = FitSettings(kmeans_iters=8, net_steps=120, net_crop_tokens=16, net_batch=8, net_lr=5e-3)
+    fitted, _ = fit_codec(_config(True), signals[:3], settings, seed=0)
     return fitted
 
 
@@ -64,7 +66,8 @@ def codec_dir(codec: WorldCodec, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_encode_decode_shapes_and_determinism(codec_dir: Path, signals: list[np.ndarray]) -> None:
     enc = load_codec_encoder(codec_dir)
-    assert (enc.sample_rate_hz, enc.samples_per_token, enc.n_codes, enc.tokens_per_s) == (24_000, 480, 32, 50.0)
+    assert (enc.sample_rate_hz, enc.samples_per_token) == (24_000, 480)
+    assert (enc.n_codes, enc.tokens_per_s) == (32, 50.0)
     x = signals[3][:10_000]
     ids = enc.encode_wav(x, RATE_HZ)
     assert ids.dtype == np.int64 and ids.shape == (21,)  # ceil(10000 / 480)
@@ -126,7 +129,8 @@ def _log_spectrum(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("with_net", [pytest.param(True, id="feature-decoder"),
                                       pytest.param(False, id="centroids")])
-def test_resynthesis_beats_scrambled_ids(codec: WorldCodec, signals: list[np.ndarray], with_net: bool) -> None:
+def test_resynthesis_beats_scrambled_ids(codec: WorldCodec, signals: list[np.ndarray],
+                                         with_net: bool) -> None:
     codec = codec if with_net else WorldCodec(codec.dims, codec.codebook, codec.mean, codec.scale)
     x = signals[3]
     ids = codec.encode(x)

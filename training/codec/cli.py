@@ -19,13 +19,16 @@ DEFAULT_HELDOUT_SENTENCES = 100
 
 def _add_train_codec(steps: argparse._SubParsersAction) -> None:
     p = steps.add_parser("codec", help="fit the WORLD VQ codec on piper's joe voice (writes OUT/codec/)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (OUT/codec/ is the model's codec folder)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sentence choice, k-means and the feature decoder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (OUT/codec/ is the model's codec folder)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sentence choice, k-means and the feature decoder")
     p.add_argument("--sentences", type=int, default=DEFAULT_TRAIN_SENTENCES,
                    help="training sentences (from the text bank's train split)")
     p.add_argument("--codes", type=int, default=1024, help="codebook size")
     p.add_argument("--net-steps", type=int, default=0,
-                   help="feature-decoder steps (default 0: decode codebook centroids; the net overfits at this data size, see training/README.md)")
+                   help="feature-decoder steps (default 0: decode codebook centroids; "
+                        "see training/README.md)")
 
 
 def run_train_codec(args: argparse.Namespace) -> int:
