@@ -2,23 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from math import gcd
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import resample_poly
 
+from audio_io.resample import resample as resample_audio
 from quantized_models.errors import ModelLoadError
 from quantized_models.world_codec import WorldCodec, load_world_codec
 
 
 def resample(samples: np.ndarray, rate_hz: int, target_hz: int) -> np.ndarray:
-    """Polyphase resampling (deterministic), float32 [S'] ."""
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-    if rate_hz == target_hz:
-        return samples
-    g = gcd(int(rate_hz), int(target_hz))
-    return resample_poly(samples, target_hz // g, rate_hz // g).astype(np.float32)
+    """Mono float32 [S'] at `target_hz` (the project's one polyphase resampler)."""
+    return resample_audio(np.asarray(samples, dtype=np.float32).reshape(-1), int(rate_hz), int(target_hz))
 
 
 class CodecEncoder:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from math import gcd
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 
+from audio_io.resample import resample
 from quantized_models.errors import ModelLoadError
 from training.eval import normalise_words, word_errors
 
@@ -28,9 +27,7 @@ class Recognizer:
 
     def transcribe(self, samples: np.ndarray, rate_hz: int) -> str:
         """Transcript of float pcm [S] at `rate_hz` (resampled to 16 kHz)."""
-        if rate_hz != ASR_RATE_HZ:
-            g = gcd(rate_hz, ASR_RATE_HZ)
-            samples = resample_poly(samples, ASR_RATE_HZ // g, rate_hz // g)
+        samples = resample(samples, rate_hz, ASR_RATE_HZ)
         pcm16 = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         dec = self._decoder
         dec.start_utt()
