@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -93,6 +93,19 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
             for split in ("train", "valid") if limits[split] != 0}
 
 
+def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
+                       dropout: float) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
+    """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss."""
+    size = min(batch_pairs, len(examples))
+
+    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
+        index = batch_rng(seed, step).choice(len(examples), size, replace=False)
+        batch = make_batch([examples[i] for i in index], embed, decoder.dims.idim, decoder.dims.pad_id)
+        return token_loss(teacher_forced_logits(decoder, batch, dropout))
+
+    return step_fn
+
+
 @torch.no_grad()
 def held_out_loss(decoder, examples: list[DecoderExample], embed, batch: int = 8) -> dict[str, float]:
     """Mean token loss and accuracy on `examples` (eval mode)."""
@@ -126,15 +139,9 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
     decoder = build_decoder(layout, config.loop.seed)
     for param in decoder.layers_prefix.parameters():
         param.requires_grad_(False)  # trained by tts-prefix on the LLM's hidden states
-    dims, size = decoder.dims, min(config.batch_pairs, len(train))
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
-                dims.idim, dims.odim)
-
-    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        index = batch_rng(config.loop.seed, step).choice(len(train), size, replace=False)
-        batch = make_batch([train[i] for i in index], embed, dims.idim, dims.pad_id)
-        return token_loss(teacher_forced_logits(decoder, batch, config.dropout))
-
+                decoder.dims.idim, decoder.dims.odim)
+    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {

@@ -14,23 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from quantized_models.llm import ChatLayout
-from training.common import LoopConfig, batch_rng, save_atomic, train_loop
+from training.common import LoopConfig, save_atomic, train_loop
 from training.llm_sequence import load_frozen_llm
 from training.model_config import DEFAULT_ROLE, chat_template
-from training.tts.decoder_forward import teacher_forced_logits, token_loss
 from training.tts.decoder_model import (
     RESULT_NAME,
     DecoderExample,
     decoder_from_result,
     load_decoder_result,
-    make_batch,
     save_decoder_result,
 )
 from training.tts.pairs import PiperNative, Speak, build_pairs, load_bank, spread_texts
-from training.tts.stage_decoder import CodecEncoderLike, held_out_loss, text_ids
+from training.tts.stage_decoder import CodecEncoderLike, held_out_loss, sampled_batch_step, text_ids
 from training.tts.teacher import teacher_forced_segments
 
 logger = logging.getLogger(__name__)
@@ -123,15 +120,9 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
         param.requires_grad_(name.startswith("layers_prefix."))
     frozen_before = {k: v.clone() for k, v in decoder.state_dict().items()
                      if not k.startswith("layers_prefix.")}
-    dims, size = decoder.dims, min(config.batch_pairs, len(train))
     logger.info("tts-prefix: %d train segments, %d valid", len(train), len(valid))
     no_prefix = held_out_loss(decoder, [DecoderExample(e.text_ids, e.tokens) for e in valid], embed)
-
-    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        index = batch_rng(config.loop.seed, step).choice(len(train), size, replace=False)
-        batch = make_batch([train[i] for i in index], embed, dims.idim, dims.pad_id)
-        return token_loss(teacher_forced_logits(decoder, batch, config.dropout))
-
+    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-prefix: codec-id cross-entropy")
     for key, value in frozen_before.items():
