@@ -107,14 +107,12 @@ def test_without_aec_or_half_duplex_the_echo_interrupts(tmp_path, engine, tiny_d
     "known defect: over a loud echo, AEC3's suppressor plus the residual-echo gate (audio_io/aec.py, "
     "6 dB) chop the user's double-talk into 30-150 ms pieces, so about 1 run in 3 never reaches "
     "min_barge_in_ms; passes otherwise"))
-def test_with_aec_a_user_talking_over_the_answer_still_cuts_it(tmp_path, tiny_dir):
+def test_with_aec_a_user_talking_over_the_answer_still_cuts_it(tmp_path, engine, tiny_dir):
     from assistant.engine import Engine, EngineOptions
-    from quantized_models.model_dir import load_models
     from quantized_models.sampling import TextSamplingConfig
 
-    models = load_models(tiny_dir / "checkpoints", tiny_dir / "llm", torch.device("cpu"), torch.float32)
     # answers that outlast the 2 s question played over them (the interruption must find them playing)
-    long_answers = Engine(models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
+    long_answers = Engine(engine.models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
                                                 max_new_tokens=64, max_speech_tokens=400))
     question, rate = soundfile.read(tiny_dir / "inputs/question.wav", dtype="float32")
     with PulseHarness(tmp_path / "pulse") as pulse:
