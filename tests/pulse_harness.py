@@ -265,3 +265,20 @@ def _terminate(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=timeout_s)
+
+
+def run_hotplug_cycles(scenario: str, root: Path, cycles: int = 10, timeout_s: float = 300.0) -> dict:
+    """Run `tests/hotplug_cycles.py` SCENARIO in a child process with its own PulseAudio daemon;
+    its measurements (per-cycle sizes, re-open times, loss warnings) as a dict."""
+    import json
+    import sys
+
+    out = root / "result.json"
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.hotplug_cycles", scenario, str(root / "pulse"), str(out),
+         "--cycles", str(cycles)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout_s)
+    noise = ("Expression '", "ALSA lib ")  # PortAudio's and alsa-lib's prints of every lost poll
+    stderr = "\n".join(line for line in child.stderr.splitlines() if not line.startswith(noise))
+    assert child.returncode == 0, f"{scenario} cycles failed (exit {child.returncode}):\n{stderr[-4000:]}"
+    return json.loads(out.read_text())
