@@ -93,16 +93,29 @@ def test_microphone_reaches_the_model_at_16k(pulse, rate_hz):
     speech = question(16_000)
     with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, input_rate_hz=rate_hz, output_rate_hz=rate_hz) as stream:
         settle(stream)
+        mark = pulse.recorded_bytes("mic")
         player = pulse.play_into(resample(speech, 16_000, MONITOR_RATE_HZ), MONITOR_RATE_HZ, sink="mic")
         # pacat itself may take a second to start on a busy machine: read long enough for that
         heard = read_for(stream, len(speech) / 16_000 + 2.5)
         player.wait(timeout=5)
         assert stream.overruns == 0
-    correlation = np.correlate(heard, speech, "valid")
+    # The reference is what the microphone sink carried, as its own low-latency recorder heard
+    # it: on a busy machine the test's player can underrun and leave a gap in the question,
+    # which is the harness's, not the stream's (CI once: similarity 0.79 against the wav)
+    carried = resample(pulse.recording("mic", mark), MONITOR_RATE_HZ, 16_000)
+    carried, spoken = voiced_span(carried), voiced_span(speech)
+    assert len(carried) >= len(spoken) - 160, (len(carried), len(spoken))  # all of it reached the sink
+    correlation = np.correlate(heard, carried, "valid")
     lag = int(np.argmax(np.abs(correlation)))
-    segment = heard[lag:lag + len(speech)]
-    similarity = float(np.dot(segment, speech) / np.linalg.norm(segment) / np.linalg.norm(speech))
+    segment = heard[lag:lag + len(carried)]
+    similarity = float(np.dot(segment, carried) / np.linalg.norm(segment) / np.linalg.norm(carried))
     assert similarity > 0.95 and lag < 32_000, (similarity, lag)  # the right rate, nothing dropped
+
+
+def voiced_span(samples: np.ndarray, level: float = 0.02) -> np.ndarray:
+    """From the first to the last sample louder than `level`."""
+    loud = np.flatnonzero(np.abs(samples) > level)
+    return samples[loud[0]:loud[-1] + 1]
 
 
 def test_echo_cancelled_through_real_streams(pulse, record_property):
