@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -35,7 +36,11 @@ PA_CONTINUE = 0  # pyaudio.paContinue, spelled out so this module needs no PyAud
 PA_STATUS_XRUN = 0x1 | 0x2 | 0x4 | 0x8  # paInput/Output Underflow/Overflow status flags
 DEFAULT_QUEUE_BLOCKS = 50  # 1 s of 20 ms microphone blocks before the oldest is dropped
 DEFAULT_OUTPUT_QUEUE_S = 30.0  # answer audio that may wait for the speaker
-DEFAULT_REFERENCE_LEAD_MS = 100  # echo reference read this far ahead of the mic (AEC3 copes with ≤ ~500 ms; a late reference it cannot use)
+# The echo reference is read this far ahead of the microphone's instant: a margin against
+# timestamp errors (AEC3 copes with a reference up to ~500 ms early, not with a late one). It
+# must stay constant: AEC3 re-adapts to every change of delay.
+DEFAULT_REFERENCE_LEAD_MS = 30
+MAX_REFERENCE_WAIT_MS = 100  # the output went quiet (device gone): clean the mic with what is known
 _END = object()  # queued after an utterance: the silence that follows is no underrun
 
 
@@ -61,7 +66,8 @@ class DuplexBuffers:
         echo_canceller: applied to the 16 kHz microphone signal with the played signal as
             reference; None: the microphone passes unchanged.
         output_queue_s: answer audio that may be queued ahead of the speaker.
-        reference_lead_ms: margin by which the echo reference leads the microphone (see _lead).
+        reference_lead_ms: margin by which the echo reference leads the microphone, constant (see
+            _clean_mic); a microphone piece waits until its reference is known that far.
         clock: monotonic seconds (tests inject a fake).
     """
 
@@ -73,6 +79,7 @@ class DuplexBuffers:
         self.block_ms, self.queue_blocks, self.output_queue_s = block_ms, queue_blocks, output_queue_s
         self.echo_canceller = echo_canceller
         self._reference_lead_ticks = reference_lead_ms * MODEL_INPUT_RATE_HZ // MS_PER_S
+        self._max_reference_wait_ticks = MAX_REFERENCE_WAIT_MS * MODEL_INPUT_RATE_HZ // MS_PER_S
         self.clock = clock
         # counters survive reconfigure(); written by one side each
         self.underruns = 0  # output callback ran dry in the middle of an utterance
@@ -124,6 +131,7 @@ class DuplexBuffers:
         self._ref_stream = TimedResampler(self.output_rate_hz)
         self._reference = ReferenceTimeline()
         self._model_pending = np.zeros(0, dtype=np.float32)  # (< MODEL_CHUNK_SAMPLES,) cleaned 16 kHz
+        self._uncleaned: deque[tuple[int, np.ndarray]] = deque()  # 16 kHz mic pieces awaiting their reference
         if self.echo_canceller is not None:
             self.echo_canceller.reset()
 
@@ -234,8 +242,11 @@ class DuplexBuffers:
             first (the partial chunk is kept for the next call).
         """
         deadline = self.clock() + max(0.0, timeout_s)
-        while len(self._model_pending) < MODEL_CHUNK_SAMPLES:
+        while True:
             self._drain_reference()
+            self._clean_mic()
+            if len(self._model_pending) >= MODEL_CHUNK_SAMPLES:
+                break
             remaining = deadline - self.clock()
             try:
                 data, first_frame, adc = self._in_q.get(timeout=remaining) if remaining > 0 \
@@ -249,23 +260,30 @@ class DuplexBuffers:
 
     def _consume_mic_block(self, data: bytes, first_frame: int, adc_time: float | None) -> None:
         mono = self._to_mono(data, self.input_channels)
-        for tick, mic in self._mic_stream.push(mono, first_frame, adc_time):
-            if self.echo_canceller is not None:
-                reference = self._reference.read(tick + self._lead(tick, len(mic)), len(mic))
-                mic = self.echo_canceller.process(mic, reference)
-            self._model_pending = np.concatenate([self._model_pending, mic])
+        self._uncleaned.extend(self._mic_stream.push(mono, first_frame, adc_time))
 
-    def _lead(self, tick: int, count: int) -> int:
-        """How far ahead of the microphone's instant to read the reference, in ticks.
+    def _clean_mic(self) -> None:
+        """Echo-cancel the microphone pieces whose reference is known, oldest first.
 
-        The echo of what the speaker played at t reaches the microphone at t + acoustic
-        delay, so reading the reference at the microphone's own instant leaves only that
-        delay (a few ms) as margin against timestamp errors; AEC3 copes with the reference
-        leading by up to ~500 ms but not with it lagging. Read up to `reference_lead_ms`
-        ahead, as far as the speaker's output is already known.
+        The reference is always read `reference_lead_ms` ahead of the microphone's instant, so
+        the echo path AEC3 sees keeps one delay (reading only as far as the output callback had
+        reached made it jump by an output block from one piece to the next, and AEC3 sometimes
+        lost the echo: 10-15 dB instead of 30+). A piece waits for its reference at most
+        `MAX_REFERENCE_WAIT_MS` of newer microphone audio; past that the output has stopped
+        (a lost device) and what was never played reads as silence.
         """
-        available = self._reference.known_until - (tick + count)
-        return int(max(0, min(self._reference_lead_ticks, available)))
+        while self._uncleaned:
+            tick, mic = self._uncleaned[0]
+            if self.echo_canceller is not None:
+                end = tick + len(mic) + self._reference_lead_ticks
+                newest_tick, newest = self._uncleaned[-1]
+                waited = newest_tick + len(newest) - (tick + len(mic))
+                if self._reference.known_until < end and waited < self._max_reference_wait_ticks:
+                    return
+                mic = self.echo_canceller.process(mic, self._reference.read(tick + self._reference_lead_ticks,
+                                                                            len(mic)))
+            self._uncleaned.popleft()
+            self._model_pending = np.concatenate([self._model_pending, mic])
 
     def _drain_reference(self) -> None:
         """Put every block the output callback handed over onto the 16 kHz reference timeline."""

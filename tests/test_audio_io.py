@@ -365,6 +365,60 @@ def test_duplex_buffers_align_reference_for_the_echo_canceller(timestamp_error_s
     assert erle_db(raw16[tail], out[tail]) >= 20.0
 
 
+class RecordingCanceller:
+    """An echo canceller that passes the microphone and keeps every reference it was given."""
+
+    in_warmup = False
+
+    def __init__(self) -> None:
+        self.references: list[np.ndarray] = []
+
+    def process(self, mic_16k: np.ndarray, reference_16k: np.ndarray) -> np.ndarray:
+        self.references.append(reference_16k.copy())
+        return mic_16k
+
+    def reset(self) -> None:
+        self.references.clear()
+
+
+def test_echo_reference_keeps_one_lead_whatever_order_the_callbacks_run_in():
+    """The output and input callbacks run on their own threads, bursty: the reference must
+    still reach the canceller at one fixed offset from the microphone (AEC3 re-adapts at
+    every change of delay; reading only as far as the output had reached shifted it by an
+    output block back and forth)."""
+    rate, frames, out_latency_s = 48_000, 960, 0.03
+    canceller = RecordingCanceller()
+    buf, clock = make_buffers(in_hz=rate, out_hz=rate, echo_canceller=canceller)
+    rng = np.random.default_rng(0)
+    buf.play(rng.uniform(-0.5, 0.5, 24_000 * 3).astype(np.float32))  # white: one sharp peak
+    played, n_out, n_in = [], 0, 0
+    while n_in < 150:  # 3 s of microphone blocks
+        run_output_next = n_out <= n_in + 2 and (n_out < n_in - 1 or rng.random() < 0.5)
+        if run_output_next:
+            now = clock.now_s = n_out * frames / rate
+            times = {"current_time": now, "output_buffer_dac_time": now + out_latency_s}
+            data, _ = buf.output_callback(None, frames, times, 0)
+            played.append(np.frombuffer(data, dtype=np.int16) / 32768)
+            n_out += 1
+        else:
+            clock.now_s = n_in * frames / rate
+            buf.input_callback(np.zeros(frames, np.int16).tobytes(), frames,
+                               {"input_buffer_adc_time": clock.now_s}, 0)
+            n_in += 1
+            while buf.read_model_chunk(0.0) is not None:
+                pass
+    reference = np.concatenate(canceller.references)
+    played16 = resample(np.concatenate(played).astype(np.float32), rate, 16_000)
+    window = 3_200  # 200 ms
+    lags = set()
+    for start in range(4_800, min(len(reference), len(played16)) - 2 * window, window):
+        piece = reference[start:start + window]
+        assert np.abs(piece).max() > 0.1, start  # playing: there is something to align
+        correlation = np.correlate(played16[max(0, start - 1_600):start + window + 1_600], piece, "valid")
+        lags.add(int(np.argmax(correlation)) + max(0, start - 1_600) - start)
+    assert len(lags) == 1, lags
+
+
 # ---- devices and device loss (fake PortAudio) ----
 
 class FakeWorld:
