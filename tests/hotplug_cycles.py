@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.pulse_harness import INPUT_DEVICE, OUTPUT_DEVICE, PulseHarness
+from tests.pulse_harness import INPUT_DEVICE, OUTPUT_DEVICE, PulseHarness, settle
 
 BACK_WITHIN_S = 2.0
 TINY_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/freeze-omni-tiny"
@@ -68,7 +68,7 @@ def stream_cycles(pulse: PulseHarness, cycles: int) -> dict:
     tone = (0.2 * np.sin(2 * np.pi * 300 * np.arange(48_000) / 24_000)).astype(np.float32)
     sizes, back_s = [], []
     with DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE) as stream:
-        _settle(stream)
+        settle(stream)
         for cycle in range(cycles):
             sink = "spk" if cycle % 2 else "mic"
             stream.play(tone)  # an answer is playing when the device goes
@@ -79,7 +79,7 @@ def stream_cycles(pulse: PulseHarness, cycles: int) -> dict:
             assert not stream.reopen(), f"cycle {cycle}: re-opened a device that is gone"
             pulse.load_sink(sink)
             back_s.append(wait_until(stream.reopen, timeout_s=BACK_WITHIN_S, poll_s=0.5))  # the daemon's pace
-            _settle(stream)
+            settle(stream)
             assert stream.healthy, f"cycle {cycle}: not healthy after the re-open"
             assert stream.queued_samples_24k == 0, f"cycle {cycle}: audio for the lost device kept"
             assert stream.played_samples_24k >= played_before, f"cycle {cycle}: playback clock went back"
@@ -140,15 +140,6 @@ def daemon_cycles(pulse: PulseHarness, cycles: int) -> dict:
     return {"sizes": sizes, "back_s": back_s, "loop_ended": not loop.is_alive(),
             "device_losses": daemon.counters.device_losses, "recoveries": daemon.counters.recoveries,
             "turns_answered": daemon.counters.turns_answered}
-
-
-def _settle(stream, timeout_s: float = 4.0) -> None:
-    """Wait for the first microphone chunk, then drop what is queued."""
-    deadline = time.monotonic() + timeout_s
-    while stream.read_model_chunk(0.05) is None:
-        assert time.monotonic() < deadline, "no microphone audio"
-    while stream.read_model_chunk(0.0) is not None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -267,6 +267,15 @@ def _terminate(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
         process.wait(timeout=timeout_s)
 
 
+def settle(stream, timeout_s: float = 4.0) -> None:
+    """Wait for a `DuplexStream`'s first microphone chunk, then drop what is queued."""
+    deadline = time.monotonic() + timeout_s
+    while stream.read_model_chunk(0.05) is None:
+        assert time.monotonic() < deadline, "no microphone audio"
+    while stream.read_model_chunk(0.0) is not None:
+        pass
+
+
 def run_hotplug_cycles(scenario: str, root: Path, cycles: int = 10, timeout_s: float = 300.0) -> dict:
     """Run `tests/hotplug_cycles.py` SCENARIO in a child process with its own PulseAudio daemon;
     its measurements (per-cycle sizes, re-open times, loss warnings) as a dict."""

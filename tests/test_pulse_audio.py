@@ -22,6 +22,7 @@ from tests.pulse_harness import (
     PulseHarness,
     missing_requirement,
     run_hotplug_cycles,
+    settle,
 )
 
 QUESTION = Path(__file__).resolve().parents[2] / "shared/fixtures/freeze-omni-tiny/inputs/question.wav"
@@ -42,15 +43,6 @@ def question(rate_hz: int) -> np.ndarray:
     if not QUESTION.is_file():
         pytest.skip(f"shared fixture not found at {QUESTION}")
     return read_mono(QUESTION, rate_hz)
-
-
-def settle(stream: DuplexStream, timeout_s: float = 4.0) -> None:
-    """Wait for the first microphone chunk, then drop what is queued."""
-    deadline = time.monotonic() + timeout_s
-    while stream.read_model_chunk(0.05) is None:
-        assert time.monotonic() < deadline, "no microphone audio"
-    while stream.read_model_chunk(0.0) is not None:
-        pass
 
 
 def read_for(stream: DuplexStream, seconds: float) -> np.ndarray:
@@ -140,15 +132,6 @@ def test_echo_cancelled_through_real_streams(pulse, record_property):
     erle = erle_db(raw[after_warmup], cleaned[after_warmup])
     record_property("aec_erle_real_streams_db", round(erle, 1))
     assert erle >= 20.0, erle
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float) -> float:
-    """Seconds until predicate() held; fails after timeout_s."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
-        time.sleep(poll_s)
-    return time.monotonic() - start
 
 
 def test_hot_plug_ten_times(tmp_path):
