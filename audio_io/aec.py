@@ -14,11 +14,13 @@ from typing import Protocol
 import numpy as np
 
 from audio_io.constants import AEC_FRAME_MS, MODEL_INPUT_RATE_HZ, MS_PER_S, samples_for_ms
+from audio_io.near_end import NearEndDetector
 
 logger = logging.getLogger(__name__)
 
 ACTIVITY_THRESHOLD = 1e-4  # |sample| above −80 dBFS counts as "the speaker is playing"
 AEC_INSTALL_HINT = "pip install 'freeze-omni-assistant[audio]' (pywebrtc-audio)"
+AEC3_OUTPUT_DELAY_MS = 8  # AEC3 returns its input this much later (128 samples at 16 kHz, measured)
 
 
 class AecUnavailableError(RuntimeError):
@@ -60,6 +62,9 @@ class WebRtcEchoCanceller:
             input (unless they are this much quieter than our echo). None: no gate.
         echo_tail_ms: the echo goes on this long after the reference falls silent (the
             echo path's delay is known to AEC3, not to us), so the gate covers it too.
+        near_end_margin_db: a played-over frame this far above the loudest echo the learned
+            coupling allows is the user's alone and passes as the microphone heard it (AEC3
+            attenuates a user over a weak or absent echo); None: always AEC3's output.
 
     Raises:
         AecUnavailableError: pywebrtc-audio is not installed.
@@ -67,7 +72,7 @@ class WebRtcEchoCanceller:
 
     def __init__(self, sample_rate_hz: int = MODEL_INPUT_RATE_HZ, warmup_ms: int = 1000,
                  stream_delay_ms: int = 0, residual_gate_db: float | None = 6.0,
-                 echo_tail_ms: int = 300) -> None:
+                 echo_tail_ms: int = 300, near_end_margin_db: float | None = 20.0) -> None:
         try:
             import pywebrtc_audio
         except ImportError as err:
@@ -79,6 +84,8 @@ class WebRtcEchoCanceller:
         self.warmup_frames = -(-warmup_ms // AEC_FRAME_MS)
         self.residual_gate = None if residual_gate_db is None else 10.0 ** (-residual_gate_db / 10.0)
         self.echo_tail_frames = -(-echo_tail_ms // AEC_FRAME_MS)
+        self.output_delay_samples = samples_for_ms(sample_rate_hz, AEC3_OUTPUT_DELAY_MS)
+        self.near_end = None if near_end_margin_db is None else NearEndDetector(near_end_margin_db)
         self._aec = pywebrtc_audio.EchoCanceller(
             sample_rate=sample_rate_hz, num_channels=1, stream_delay_ms=stream_delay_ms)
         self.reset()
@@ -87,6 +94,9 @@ class WebRtcEchoCanceller:
         self._aec.reset()
         self._mic_rest = np.zeros(0, dtype=np.float32)
         self._ref_rest = np.zeros(0, dtype=np.float32)
+        self._mic_tail = np.zeros(self.output_delay_samples, dtype=np.float32)  # raw mic, AEC3-aligned
+        if self.near_end is not None:
+            self.near_end.reset()
         self.active_reference_frames = 0
         self.gated_frames = 0
         self._frames_since_played = self.echo_tail_frames + 1
@@ -112,8 +122,21 @@ class WebRtcEchoCanceller:
         # insert silence into a stream
         out = self._aec.process(np.ascontiguousarray(mic[:whole]), np.ascontiguousarray(ref[:whole]))
         out = np.asarray(out, dtype=np.float32).reshape(-1, self.frame_samples)  # (F, 160), frame-aligned
+        out = self._pass_the_user(mic[:whole], frames, out)
         echo_may_be_heard = self._within_echo_tail(played_over)
         return self._gate_residual(mic[:whole].reshape(-1, self.frame_samples), out, echo_may_be_heard).reshape(-1)
+
+    def _pass_the_user(self, mic: np.ndarray, reference: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Replace AEC3's output by the raw microphone (delayed as AEC3 delays it) on frames
+        that hold the user far above any echo."""
+        delayed = np.concatenate([self._mic_tail, mic])
+        self._mic_tail = delayed[len(mic):]
+        if self.near_end is None:
+            return out
+        user_only = self.near_end.push(mic.reshape(-1, self.frame_samples), reference)  # (F,)
+        raw = delayed[:len(mic)].reshape(-1, self.frame_samples)
+        out[user_only] = raw[user_only]
+        return out
 
     def _within_echo_tail(self, played_over: np.ndarray) -> np.ndarray:
         """(F,) bool: the frame or one up to `echo_tail_ms` before it was played over."""

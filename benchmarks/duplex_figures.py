@@ -11,9 +11,9 @@ virtual card of the test-suite (`tests/pulse_harness.py`). Needs pulseaudio, pac
   the microphone); each question waits for the previous answer to end. Echo reduction is the
   canceller's microphone power over its output power on every played-over frame (after AEC3
   and the residual gate).
-- Barge-in run (no echo path, no canceller, full duplex): a second question is played 0.8 s
-  into each answer; reaction is the time from the daemon's cut (its respond decision flushes
-  the queue) to the end of the old answer's sound on `spk.monitor`, as the monitor recorded it.
+- Barge-in run (no echo path, AEC on): after one answer heard to its end, a second question
+  is played 0.8 s into each answer; reaction is the time from the daemon's cut (its respond
+  decision flushes the queue) to the end of the old answer's sound on `spk.monitor`.
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ LATENCY_KEYS = ("decision_to_first_text_token_ms", "decision_to_first_speech_tok
                 "decision_to_first_pcm_ms", "decision_to_first_played_ms")
 
 
-def _engine(max_new_tokens: int, max_speech_tokens: int = 120) -> Engine:
+def _engine(max_new_tokens: int) -> Engine:
     models = load_models(TINY_FIXTURE / "checkpoints", TINY_FIXTURE / "llm", torch.device("cpu"), torch.float32)
     return Engine(models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
-                                        max_new_tokens=max_new_tokens, max_speech_tokens=max_speech_tokens))
+                                        max_new_tokens=max_new_tokens, max_speech_tokens=120))
 
 
 class _Running:
@@ -90,15 +90,15 @@ def echo_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate: in
             _wait_quiet(run.conversation, run.audio, 1.0, 30.0)
         records = [r for r in run.daemon.turn_log if not r["barge_in"]]
         return {"records": records, "counters": run.daemon.counters, "erle_db": canceller.echo_return_loss_enhancement_db,
-                "gated_frames": canceller.gated_frames, "played_over_frames": canceller.active_reference_frames}
+                "gated_frames": canceller.gated_frames, "played_over_frames": canceller.active_reference_frames,
+                "near_end_frames": canceller.near_end.near_end_frames}
 
 
 def barge_in_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate: int, cuts: int) -> list[float]:
     reactions_ms = []
-    # No echo path in this room, so no canceller: AEC3 without an echo to find suppresses the
-    # user's voice while the answer plays (a known defect, tests/test_audio_io.py), and the
-    # figure wanted here is the cut's reaction, not the canceller's
-    with _Running(engine, None) as run:
+    # no echo path in this room: AEC3 alone would suppress the user under the answer, the
+    # canceller's near-end detector lets them through
+    with _Running(engine, WebRtcEchoCanceller()) as run:
         flush = run.audio.flush_playback
         cut_at: dict[str, int] = {}
 
@@ -107,13 +107,20 @@ def barge_in_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate
             return flush()
 
         run.audio.flush_playback = flush_and_mark
+        # one answer heard to its end first: the canceller learns how the speaker couples into
+        # the microphone from playback without the user (as after an assistant's greeting)
+        pulse.play_into(question, rate).wait()
+        wait_until(lambda: run.daemon.counters.turns_answered > 0, 10.0)
+        _wait_quiet(run.conversation, run.audio, 1.0, 30.0)
         for i in range(cuts):
-            cut_at.clear()
+            answered = run.daemon.counters.turns_answered
             pulse.play_into(question, rate).wait()
-            wait_until(lambda: run.daemon.counters.turns_answered > 2 * i, 10.0)
+            wait_until(lambda: run.daemon.counters.turns_answered > answered, 10.0)
             time.sleep(0.8)
+            cut_at.clear()
+            cuts_before = run.daemon.counters.barge_ins
             pulse.play_into(question, rate).wait()
-            if not wait_until(lambda: run.daemon.counters.barge_ins > i, 10.0):
+            if not wait_until(lambda: run.daemon.counters.barge_ins > cuts_before, 10.0):
                 logger.warning("barge-in %d did not happen", i)
                 break
             time.sleep(0.3)
@@ -155,10 +162,11 @@ def render(echo: dict, reactions_ms: list[float], questions: int) -> str:
         f"Echo: the answer leaks back into the microphone at full volume. Over {questions} questions the "
         f"canceller reduced the echo by **{echo['erle_db']:.1f} dB** (microphone over output power on "
         f"{echo['played_over_frames']} played-over 10 ms frames; {echo['gated_frames']} of them silenced by "
-        f"the residual gate); the daemon answered {c.turns_answered} turns, heard {c.interruptions_heard} "
+        f"the residual gate, {echo['near_end_frames']} taken for the user); the daemon answered "
+        f"{c.turns_answered} turns, heard {c.interruptions_heard} "
         f"interruptions (ignored {c.ignored_interruptions}, answered {c.interruptions_answered}) and cut "
         f"{c.barge_ins} answers.", "",
-        f"Barge-in reaction (daemon's cut → old answer silent on `spk.monitor`; no echo path, no canceller), "
+        f"Barge-in reaction (daemon's cut → old answer silent on `spk.monitor`; no echo path, AEC on), "
         f"{len(reactions_ms)} cuts: "
         f"median / p90 **{_stats(reactions_ms)} ms** (one output block is 20 ms; the rest is the device "
         "latency of the virtual card and its monitor).", ""])
@@ -177,9 +185,7 @@ def main() -> None:
         with PulseHarness(Path(tmp) / "echo") as pulse:
             echo = echo_run(pulse, engine, question, rate, args.questions)
         with PulseHarness(Path(tmp) / "cut") as pulse:
-            # answers that outlast the question played over them: the cut must find them playing
-            reactions = barge_in_run(pulse, _engine(max_new_tokens=64, max_speech_tokens=400), question, rate,
-                                     args.barge_ins)
+            reactions = barge_in_run(pulse, _engine(max_new_tokens=24), question, rate, args.barge_ins)
     text = render(echo, reactions, args.questions)
     print(text)
     write_section(args.out, SECTION, text)
