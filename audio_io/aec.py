@@ -129,10 +129,10 @@ class WebRtcEchoCanceller:
     def _pass_the_user(self, mic: np.ndarray, reference: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Replace AEC3's output by the raw microphone (delayed as AEC3 delays it) on frames
         that hold the user far above any echo."""
-        delayed = np.concatenate([self._mic_tail, mic])
-        self._mic_tail = delayed[len(mic):]
         if self.near_end is None:
             return out
+        delayed = np.concatenate([self._mic_tail, mic])
+        self._mic_tail = delayed[len(mic):]
         user_only = self.near_end.push(mic.reshape(-1, self.frame_samples), reference)  # (F,)
         raw = delayed[:len(mic)].reshape(-1, self.frame_samples)
         out[user_only] = raw[user_only]

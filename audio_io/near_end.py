@@ -59,9 +59,9 @@ class NearEndDetector:
         mic_power = np.mean(np.square(mic, dtype=np.float64), axis=1)  # (F,)
         ref_power = np.mean(np.square(reference, dtype=np.float64), axis=1)
         near_end = np.zeros(len(mic_power), dtype=bool)
+        coupling = self.coupling  # as learned up to this call: it moves over seconds, not frames
         for i, (mic_p, ref_p) in enumerate(zip(mic_power, ref_power)):
             self._learn(float(mic_p), float(ref_p))
-            coupling = self.coupling
             if coupling is not None and ref_p > ACTIVE_POWER and mic_p > MIN_USER_POWER:
                 near_end[i] = mic_p > self.margin * coupling * max(self._ref_powers)
         self.near_end_frames += int(np.count_nonzero(near_end))
