@@ -29,7 +29,6 @@ import numpy as np
 from tests.pulse_harness import INPUT_DEVICE, OUTPUT_DEVICE, PulseHarness, settle
 
 BACK_WITHIN_S = 2.0
-TINY_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/freeze-omni-tiny"
 
 
 def settled_size() -> dict[str, int]:
@@ -101,6 +100,7 @@ def daemon_cycles(pulse: PulseHarness, cycles: int) -> dict:
     from audio_io.duplex import DuplexStream
     from quantized_models.model_dir import load_models
     from quantized_models.sampling import TextSamplingConfig
+    from tests.conftest import TINY_FIXTURE  # imported here: the stream child stays without torch
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # as every test runs
