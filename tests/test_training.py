@@ -236,6 +236,38 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(tmp_path: Path) -> None:
+    data = write_tiny_data(tmp_path / "data")
+    config = Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(12), batch_utterances=4, valid_limit=0)
+    train_stage1(data, tmp_path / "fp32", config)
+    train_stage1(data, tmp_path / "bf16", replace(config, loop=replace(config.loop, bf16_autocast=True)))
+    losses = _losses(tmp_path / "bf16", "ctc_loss")
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    fp32, bf16 = load_result(tmp_path / "fp32")["state"], load_result(tmp_path / "bf16")["state"]
+    assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())
+    # Same seed and batches: only the forward's precision differs, so the weights must too.
+    assert any(not torch.equal(v, fp32[k]) for k, v in bf16.items() if v.is_floating_point())
+
+
+def test_stage2_frozen_encoder_steps_train_only_the_adapter(chain: dict, tmp_path: Path) -> None:
+    stage1 = load_result(chain["root"] / "run1")["state"]
+    encoder_keys = [k for k, v in stage1.items()
+                    if k.startswith("encoder.") and v.is_floating_point() and "global_cmvn" not in k]
+
+    def run(steps: int) -> dict:
+        config = Stage2Config(loop=_loop(steps), encoder_frozen_steps=3)
+        train_stage2(chain["root"] / "run1", chain["data"], chain["llm_dir"], tmp_path / f"s{steps}", config)
+        state = load_result(tmp_path / f"s{steps}")["state"]
+        return {"encoder_changed": [k for k in encoder_keys if not torch.equal(state[k], stage1[k])],
+                "adapter": {k: v for k, v in state.items() if k.startswith("adpter.")}}
+
+    frozen, then_free = run(3), run(4)
+    assert frozen["encoder_changed"] == []
+    assert then_free["encoder_changed"]  # the fourth step trains the encoder again
+    assert any(not torch.equal(v, then_free["adapter"][k]) for k, v in frozen["adapter"].items())
+    assert len(_losses(tmp_path / "s3", "text_loss")) == 3
+
+
 def test_turn_scoring_windows_and_pauses() -> None:
     from training.eval import TurnOutcome, score_turn
 

@@ -59,6 +59,10 @@ class LoopConfig:
     """Continue from `checkpoint.pt` of the run directory when it exists."""
     stop_at_step: int | None = None
     """Checkpoint and return at this step (a later call resumes); None: run to `steps`."""
+    bf16_autocast: bool = False
+    """Run each step's forward under bfloat16 autocast (weights and optimizer stay float32).
+    On a CPU with AVX512-BF16 it made a stage-1 step 1.5-2x faster here; off by default
+    because CPUs without it are slower in bf16."""
 
     def validate(self) -> None:
         if self.steps < 1 or self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
@@ -273,8 +277,9 @@ def train_loop(
             for module in modules.values():
                 module.train(any(p.requires_grad for p in module.parameters()))
             optimizer.zero_grad(set_to_none=True)
-            loss, metrics = step_fn(step)
-            loss.backward()
+            with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+                loss, metrics = step_fn(step)
+            loss.float().backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             optimizer.step()
             step += 1

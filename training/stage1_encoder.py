@@ -63,7 +63,8 @@ class CtcModel(nn.Module):
 
     def log_probs(self, chunks: Tensor, positions: Tensor, visible: Tensor) -> Tensor:
         """[B, N, 19, M] chunks -> [B, T, V] log-probabilities."""
-        return self.ctc_head(self.encoder.forward_masked(chunks, positions, visible)).log_softmax(-1)
+        logits = self.ctc_head(self.encoder.forward_masked(chunks, positions, visible))
+        return logits.float().log_softmax(-1)  # float32 even under bf16 autocast: CTC sums many
 
 
 def pad_chunks(utts: list[Utterance]) -> tuple[Tensor, Tensor]:

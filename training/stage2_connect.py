@@ -44,6 +44,10 @@ class Stage2Config:
     """Transcripts are cut to this many tokens (no closing `<|im_end|>` then)."""
     train_limit: int | None = None
     valid_limit: int = 50
+    encoder_frozen_steps: int = 0
+    """For the first N steps only the adapter and the task vector learn (the encoder runs without
+    gradients, and faster): a fresh adapter's first gradients would otherwise flow into the
+    stage-1 encoder and undo part of its CTC training."""
 
 
 def answer_role(data_dir: Path) -> str:
@@ -69,11 +73,12 @@ def init_like_tokens(weight: Tensor, table: Tensor, gen: torch.Generator) -> Non
         weight.copy_(table[rows])
 
 
-def audio_vectors(parts: AudioLlmParts, utts: list[Utterance]) -> list[Tensor]:
+def audio_vectors(parts: AudioLlmParts, utts: list[Utterance], encoder_grad: bool = True) -> list[Tensor]:
     """Per utterance [2 N, H] adapter vectors, as the engine's streaming steps compute them."""
     chunks, counts = pad_chunks(utts)
     positions, visible = parts.encoder.offline_positions(chunks.shape[1], chunks.device)
-    enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
+    with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+        enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
     vectors = parts.adapter.forward_full(enc)  # [B, 2 N, H]
     return [vectors[i, : VECTORS_PER_CHUNK * int(n)] for i, n in enumerate(counts)]
 
@@ -96,9 +101,11 @@ def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
     return parts, previous, causal_lm, tokenizer, TurnLayout(causal_lm, tokenizer, layout)
 
 
-def transcribe_items(parts: AudioLlmParts, utts: list[Utterance], targets: list[list[int]]) -> list[TurnItem]:
+def transcribe_items(parts: AudioLlmParts, utts: list[Utterance], targets: list[list[int]],
+                     encoder_grad: bool = True) -> list[TurnItem]:
     lead = parts.heads.task_embeddings.weight[TRANSCRIBE_TASK_ID:TRANSCRIBE_TASK_ID + 1]  # [1, H]
-    return [TurnItem(audio=v, lead=lead, answer_ids=t) for v, t in zip(audio_vectors(parts, utts), targets)]
+    vectors = audio_vectors(parts, utts, encoder_grad)
+    return [TurnItem(audio=v, lead=lead, answer_ids=t) for v, t in zip(vectors, targets)]
 
 
 def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: Stage2Config) -> dict:
@@ -118,7 +125,8 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
         start = int(batch_rng(config.loop.seed, step).integers(0, len(train) - size + 1))
         index = range(start, start + size)
-        batch = turns.lay_out(transcribe_items(parts, [train[i] for i in index], [targets[i] for i in index]))
+        batch = turns.lay_out(transcribe_items(parts, [train[i] for i in index], [targets[i] for i in index],
+                                               encoder_grad=step >= config.encoder_frozen_steps))
         loss = turns.token_loss(turns.hidden(batch), batch)
         return loss, {"text_loss": loss.item()}
 

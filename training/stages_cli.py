@@ -25,12 +25,14 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
                    help="start over even if the run directory has a checkpoint")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training utterances")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX)")
 
 
 def _loop(args: argparse.Namespace) -> LoopConfig:
     return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                       checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
-                      seed=args.seed, resume=args.resume)
+                      seed=args.seed, resume=args.resume, bf16_autocast=args.bf16)
 
 
 def add_stage1(steps: argparse._SubParsersAction) -> None:
@@ -49,6 +51,8 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, required=True, help="stage-1 run directory (or its result.pt)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     _add_loop_args(p, steps=1500, lr=5e-4, batch=4)
+    p.add_argument("--encoder-frozen-steps", type=int, default=0,
+                   help="train only the adapter and task vector for the first N steps")
 
 
 def add_stage3(steps: argparse._SubParsersAction) -> None:
@@ -102,7 +106,8 @@ def run_stage2(args: argparse.Namespace) -> int:
     from training.stage2_connect import Stage2Config, train_stage2
 
     _setup(args)
-    config = Stage2Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit)
+    config = Stage2Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit,
+                          encoder_frozen_steps=args.encoder_frozen_steps)
     return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
 
 

@@ -36,12 +36,14 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--speech-cache", type=Path, default=None,
                    help="folder of piper renderings, shared between runs (default: OUT/speech)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX)")
 
 
 def _loop(args: argparse.Namespace) -> LoopConfig:
     return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                       checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
-                      seed=args.seed, resume=args.resume)
+                      seed=args.seed, resume=args.resume, bf16_autocast=args.bf16)
 
 
 def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
