@@ -43,6 +43,12 @@ class EchoSettings:
     """Speech heard during the first moments of each answer, while AEC re-adapts, cannot barge in."""
     half_duplex_tail_ms: int = 300
     """Without AEC: the microphone stays muted this long after playback ends."""
+    near_end_margin_db: float | None = 20.0
+    """With AEC: microphone audio this far above the loudest echo the room has shown passes as
+    the user's voice, so barge-in works over a headset or a quiet speaker (None: AEC3 alone)."""
+
+
+MIN_NEAR_END_MARGIN_DB = 6.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ def settings_problems(audio: AudioSettings, vad: VadSettings, echo: EchoSettings
         problems.append(("dialogue.max_answer_steps_per_tick", "must be >= 1"))
     if dialogue.turn_end is TurnEnd.FILE:
         problems.append(("dialogue.turn_end", "file is for `freeze-omni respond`; use model or vad"))
+    if echo.near_end_margin_db is not None and echo.near_end_margin_db < MIN_NEAR_END_MARGIN_DB:
+        problems.append(("echo.near_end_margin_db", f"use at least {MIN_NEAR_END_MARGIN_DB:g} dB (smaller "
+                         "margins let the assistant's own echo through as the user), or null to turn it off"))
     if not 1 <= audio.block_ms <= 200:
         problems.append(("audio.block_ms", "use 1..200 ms"))
     for section, values in (("audio", audio), ("vad", vad), ("echo", echo), ("dialogue", dialogue)):

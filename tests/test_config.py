@@ -100,6 +100,8 @@ def _flags(args):
     pytest.param("vad:\n  frame_ms: 25\n", "vad.frame_ms", "10, 20 or 30", id="not-a-webrtcvad-frame"),
     pytest.param("dialogue:\n  silence_end_s: -1\n", "dialogue.silence_end_s", "negative",
                  id="negative-duration"),
+    pytest.param("aec:\n  near_end_margin_db: 3\n", "aec.near_end_margin_db", "at least 6 dB",
+                 id="near-end-margin-lets-echo-through"),
     pytest.param("dialogue:\n  turn_end: file\n", "dialogue.turn_end", "model, vad", id="bad-choice"),
     pytest.param("server:\n  http_port: 70000\n", "server.http_port", "0..65535", id="port"),
     pytest.param("models:\n  model_dir: /no/such/dir\n", "models.model_dir", "no such directory",
@@ -192,6 +194,21 @@ def test_example_config_is_valid_and_documents_every_key():
         if line.startswith("  ") and not line.lstrip().startswith("#"):
             assert lines[i - 1].lstrip().startswith("#"), f"{EXAMPLE.name}:{i + 1} has no comment: {line}"
     load_config(EXAMPLE, env={}, system_path=None, user_path=Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("value, expected", [("null", None), ("30", 30.0)])
+def test_near_end_margin_reaches_the_echo_canceller(tmp_path, value, expected):
+    pytest.importorskip("pywebrtc_audio")
+    from assistant.run_daemon import _echo_canceller
+
+    path = tmp_path / "aec.yaml"
+    path.write_text(f"aec:\n  near_end_margin_db: {value}\n")
+    echo = load_config(path, env={}, system_path=None, user_path=Path("/nonexistent")).config.aec
+    canceller = _echo_canceller(echo)
+    if expected is None:
+        assert canceller.near_end is None
+    else:
+        assert canceller.near_end.margin == pytest.approx(10 ** (expected / 10))  # a power ratio
 
 
 def test_config_error_lists_every_problem():
