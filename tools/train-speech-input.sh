@@ -6,17 +6,24 @@
 set -euo pipefail
 WORK=${1:?usage: train-speech-input.sh WORK_DIR [MODEL_OUT]}
 OUT=${2:-$WORK/model}
-STAGE1_STEPS=${STAGE1_STEPS:-800}
-STAGE2_STEPS=${STAGE2_STEPS:-400}
-STAGE3_STEPS=${STAGE3_STEPS:-400}
+STAGE1_STEPS=${STAGE1_STEPS:-6000}
+STAGE2_STEPS=${STAGE2_STEPS:-2000}
+STAGE2_ENCODER_FROZEN_STEPS=${STAGE2_ENCODER_FROZEN_STEPS:-300}
+STAGE3_STEPS=${STAGE3_STEPS:-800}
+THREADS=${THREADS:-1}
+# bfloat16 autocast: 1.5-2x faster on CPUs with AVX512-BF16 or AMX; set PRECISION= to train in float32.
+PRECISION=${PRECISION---bf16}
 mkdir -p "$WORK"
 [ -f "$WORK/data/manifest.jsonl" ] || freeze-omni train data --size full --seed 0 --out "$WORK/data"
 [ -f "$WORK/stage1/result.pt" ] || freeze-omni train stage1 --data "$WORK/data" --out "$WORK/stage1" \
-    --threads 2 --steps "$STAGE1_STEPS" --warmup-steps 100 --checkpoint-every 200
+    --threads "$THREADS" $PRECISION --dim 128 --heads 4 --ffn 512 --blocks 8 \
+    --steps "$STAGE1_STEPS" --lr 2e-3 --warmup-steps 300 --checkpoint-every 250 --log-every 50
 [ -f "$WORK/stage2/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$WORK/stage1" \
-    --out "$WORK/stage2" --threads 2 --steps "$STAGE2_STEPS" --warmup-steps 50 --checkpoint-every 100
+    --out "$WORK/stage2" --threads "$THREADS" $PRECISION --steps "$STAGE2_STEPS" --warmup-steps 100 \
+    --encoder-frozen-steps "$STAGE2_ENCODER_FROZEN_STEPS" --checkpoint-every 100
 [ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$WORK/stage2" \
-    --out "$WORK/stage3" --threads 2 --steps "$STAGE3_STEPS" --warmup-steps 30 --checkpoint-every 100
+    --out "$WORK/stage3" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
+    --checkpoint-every 100
 freeze-omni train export --init "$WORK/stage3" --out "$OUT"
 freeze-omni eval asr --model-dir "$OUT" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
 freeze-omni eval states --model-dir "$OUT" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
