@@ -17,7 +17,7 @@ import soundfile
 import torch
 
 from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_step
-from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, weights_checksum
+from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, freeze, weights_checksum
 from training.data.manifest import ManifestEntry, write_manifest
 from training.features import ChunkLabel, CharVocab, chunk_labels, load_wav, utterance_chunks
 from training.model_config import EncoderGeometry, build_encoder, encoder_train_yaml, load_result
@@ -163,6 +163,19 @@ def test_frozen_check_catches_changes(tiny_dir: Path) -> None:
     next(llm.parameters()).requires_grad_(True)
     with pytest.raises(FrozenLlmChangedError, match="trainable"):
         assert_frozen(llm)
+
+
+def test_frozen_check_covers_the_two_convolution_adapter() -> None:
+    """An encoder narrower than a quarter of the LLM gets the BatchNorm adapter, whose
+    `num_batches_tracked` buffers are 0-d integers; stage 3 checksums that adapter."""
+    from quantized_models.adapter import Adapter, AdapterDims
+
+    adapter = Adapter(AdapterDims(enc_out_dim=8, llm_embed_dim=64, kernel_size=5, activation="relu", norm="layer"))
+    assert adapter.dims.two_convs
+    checksum = assert_frozen(freeze(adapter))
+    adapter.bn1.running_mean += 1.0
+    with pytest.raises(FrozenLlmChangedError, match="changed"):
+        assert_frozen(adapter, checksum)
 
 
 def test_export_round_trips_through_the_strict_loader(chain: dict) -> None:
