@@ -207,6 +207,21 @@ def test_a_committed_speech_input_is_completed_into_a_loadable_model(chain: dict
     assert sum(f.stat().st_size for f in (out / "codec").iterdir()) < 12e6  # the small placeholder
 
 
+def test_the_kept_speech_input_artifact_loads_into_the_stage_modules() -> None:
+    """training/artifacts/speech-input/result.pt (tools/keep-stage-result.py) is what a later
+    session continues from: every released key must fit the modules its train.yaml builds."""
+    from training.model_config import AudioLlmParts
+
+    path = Path(__file__).resolve().parents[1] / "training/artifacts/speech-input/result.pt"
+    assert path.stat().st_size < 8e6
+    kept = load_result(path)
+    parts = AudioLlmParts.build(kept["train_yaml"], kept["cmvn"])
+    parts.load_released(kept["state"])  # strict: a missing or extra key raises
+    assert kept["stage"] == 3 and parts.heads is not None
+    assert parts.heads.prompt_embeddings.weight.shape[1] == 576  # SmolLM2-135M's width
+    assert kept["state"]["encoder.global_cmvn.mean"].dtype == torch.float32
+
+
 def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:
     from assistant.engine import Engine, EngineOptions
     from quantized_models.llm import ChatLayout

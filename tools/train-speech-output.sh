@@ -10,13 +10,13 @@ OUT=${3:-$WORK/model}
 BANK=${BANK:-training/data/banks/full-seed0.texts.json}
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
-    --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-400}" \
-    --steps "${DECODER_STEPS:-1500}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-2}"
+    --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
+    --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 25 \
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
-    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-2}"
+    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
 freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
 freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
     --output "$WORK/say.wav"
