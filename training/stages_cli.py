@@ -24,12 +24,18 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if the run directory has a checkpoint")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training utterances")
+    add_compute_args(p)
+
+
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """`--threads` and `--bf16`, shared by every training step's parser."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX)")
 
 
-def _loop(args: argparse.Namespace) -> LoopConfig:
+def loop_config(args: argparse.Namespace) -> LoopConfig:
+    """The LoopConfig of parsed loop arguments (this module's and `training.tts.cli`'s)."""
     return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                       checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
                       seed=args.seed, resume=args.resume, bf16_autocast=args.bf16)
@@ -98,7 +104,7 @@ def run_stage1(args: argparse.Namespace) -> int:
 
     _setup(args)
     config = Stage1Config(geometry=EncoderGeometry(args.dim, args.heads, args.ffn, args.blocks),
-                          loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit)
+                          loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit)
     return _report(train_stage1(args.data, args.out, config))
 
 
@@ -106,7 +112,7 @@ def run_stage2(args: argparse.Namespace) -> int:
     from training.stage2_connect import Stage2Config, train_stage2
 
     _setup(args)
-    config = Stage2Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit,
+    config = Stage2Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
                           encoder_frozen_steps=args.encoder_frozen_steps)
     return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
 
@@ -115,7 +121,7 @@ def run_stage3(args: argparse.Namespace) -> int:
     from training.stage3_dialogue import Stage3Config, train_stage3
 
     _setup(args)
-    config = Stage3Config(loop=_loop(args), batch_utterances=args.batch, train_limit=args.train_limit,
+    config = Stage3Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
                           tail_chunks=args.tail_chunks)
     return _report(train_stage3(args.init, args.data, _llm_dir(args), args.out, config))
 

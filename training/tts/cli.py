@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.common import LoopConfig
+from training.stages_cli import add_compute_args, loop_config
 
 DEFAULT_SAY_TOP_K = 2  # the released server.json decoder_top_k
 
@@ -35,15 +35,7 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--max-codec-tokens", type=int, default=400, help="leave out longer segments")
     p.add_argument("--speech-cache", type=Path, default=None,
                    help="folder of piper renderings, shared between runs (default: OUT/speech)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX)")
-
-
-def _loop(args: argparse.Namespace) -> LoopConfig:
-    return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                      checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
-                      seed=args.seed, resume=args.resume, bf16_autocast=args.bf16)
+    add_compute_args(p)
 
 
 def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
@@ -90,7 +82,7 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
 
     codec, llm_dir = _setup(args)
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
-    config = TtsDecoderConfig(geometry=geometry, loop=_loop(args), batch_pairs=args.batch,
+    config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
                               train_limit=args.train_limit, speech_cache=args.speech_cache)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
@@ -101,7 +93,7 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
     from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
 
     codec, llm_dir = _setup(args)
-    config = TtsPrefixConfig(loop=_loop(args), batch_pairs=args.batch, max_codec_tokens=args.max_codec_tokens,
+    config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch, max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
