@@ -142,14 +142,14 @@ class DuplexBuffers:
         try:
             self.last_input_callback_s = self.clock()
             self.input_callbacks += 1
-            if isinstance(status, int) and status & PA_STATUS_XRUN:
-                self.xruns += 1
+            xrun = isinstance(status, int) and bool(status & PA_STATUS_XRUN)
+            self.xruns += xrun
             if not isinstance(in_data, (bytes, bytearray, memoryview)):
                 self.callback_errors += 1
                 return None, PA_CONTINUE
             data = bytes(in_data)  # PyAudio passes bytes (no copy); a view is copied
             frames = len(data) // self._in_frame_bytes
-            item = (data, self._in_frames, _stamp(time_info, "input_buffer_adc_time"))
+            item = (data, self._in_frames, _stamp(time_info, "input_buffer_adc_time"), xrun)
             self._in_frames += frames
             self._put_dropping_oldest(self._in_q, item, count_overrun=True)
         except Exception:  # noqa: BLE001 - a raise would abort the stream; count instead
@@ -167,13 +167,13 @@ class DuplexBuffers:
         try:
             self.last_output_callback_s = self.clock()
             self.output_callbacks += 1
-            if isinstance(status, int) and status & PA_STATUS_XRUN:
-                self.xruns += 1
+            xrun = isinstance(status, int) and bool(status & PA_STATUS_XRUN)
+            self.xruns += xrun
             data, real_bytes = self._fill(nbytes)
             dac, now = _stamp(time_info, "output_buffer_dac_time"), _stamp(time_info, "current_time")
             latency = dac - now if dac and now else None
             self.playback.on_handed(real_bytes // self._out_frame_bytes, latency)
-            item = (data if real_bytes else None, self._out_frames, nbytes // self._out_frame_bytes, dac)
+            item = (data if real_bytes else None, self._out_frames, nbytes // self._out_frame_bytes, dac, xrun)
             self._out_frames += nbytes // self._out_frame_bytes
             self._put_dropping_oldest(self._ref_q, item, count_overrun=False)
             return data, PA_CONTINUE
@@ -249,18 +249,18 @@ class DuplexBuffers:
                 break
             remaining = deadline - self.clock()
             try:
-                data, first_frame, adc = self._in_q.get(timeout=remaining) if remaining > 0 \
+                data, first_frame, adc, xrun = self._in_q.get(timeout=remaining) if remaining > 0 \
                     else self._in_q.get_nowait()
             except queue.Empty:
                 return None
-            self._consume_mic_block(data, first_frame, adc)
+            self._consume_mic_block(data, first_frame, adc, xrun)
         chunk = self._model_pending[:MODEL_CHUNK_SAMPLES]
         self._model_pending = self._model_pending[MODEL_CHUNK_SAMPLES:]
         return chunk
 
-    def _consume_mic_block(self, data: bytes, first_frame: int, adc_time: float | None) -> None:
+    def _consume_mic_block(self, data: bytes, first_frame: int, adc_time: float | None, xrun: bool) -> None:
         mono = self._to_mono(data, self.input_channels)
-        self._uncleaned.extend(self._mic_stream.push(mono, first_frame, adc_time))
+        self._uncleaned.extend(self._mic_stream.push(mono, first_frame, adc_time, xrun))
 
     def _clean_mic(self) -> None:
         """Echo-cancel the microphone pieces whose reference is known, oldest first.
@@ -289,17 +289,17 @@ class DuplexBuffers:
         """Put every block the output callback handed over onto the 16 kHz reference timeline."""
         while True:
             try:
-                data, first_frame, frames, dac_time = self._ref_q.get_nowait()
+                data, first_frame, frames, dac_time, xrun = self._ref_q.get_nowait()
             except queue.Empty:
                 return
             if self.echo_canceller is None:
                 continue
             if data is None:  # silence: nothing to write, but the resampler's tail is due
-                pieces, silent_until = self._ref_stream.silent_block(first_frame, frames, dac_time)
+                pieces, silent_until = self._ref_stream.silent_block(first_frame, frames, dac_time, xrun)
                 self._reference.mark_known(silent_until)
             else:
                 mono = self._to_mono(data, self.output_channels)
-                pieces = self._ref_stream.push(mono, first_frame, dac_time)
+                pieces = self._ref_stream.push(mono, first_frame, dac_time, xrun)
             for tick, samples in pieces:
                 self._reference.write(tick, samples)
 

@@ -13,6 +13,7 @@ the reference that was playing at the microphone's instant.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,10 @@ import numpy as np
 from audio_io.constants import MODEL_INPUT_RATE_HZ, MODEL_OUTPUT_RATE_HZ
 from audio_io.resample import StreamingResampler
 
-REANCHOR_TOLERANCE_SAMPLES = 160  # 10 ms at 16 kHz: device-vs-system clock drift beyond this re-anchors
+REANCHOR_TOLERANCE_SAMPLES = 160  # 10 ms at 16 kHz: after an xrun, a gap this long re-anchors
+UNFLAGGED_GAP_SAMPLES = 800  # 50 ms: an unflagged gap; timestamp ramps stayed within 13 ms
+DEVIATION_WINDOW_BLOCKS = 15  # 300 ms of 20 ms blocks: a median outvotes late single blocks
+MIN_DEVIATION_BLOCKS = 5  # blocks a gap is judged on
 REFERENCE_CAPACITY_SAMPLES = 1 << 15  # 2.05 s at 16 kHz of playback kept for the echo canceller
 
 
@@ -91,10 +95,17 @@ class PlaybackClock:
 class StreamAnchor:
     """Maps a stream's running 16 kHz sample index to ticks (1/16000 s) of PortAudio's clock.
 
-    The offset is taken from the first block's timestamp and kept while later timestamps
-    agree within `REANCHOR_TOLERANCE_SAMPLES`, so timestamp jitter does not move the stream;
-    drift or a gap (xrun, restart) beyond that re-anchors. Without timestamps (0 or missing,
-    as some host APIs report) the stream starts at tick 0.
+    The offset is taken from the first block's timestamp and kept while the samples keep
+    coming: timestamps are not trusted to 10 ms. Through PulseAudio's ALSA plugin one
+    direction's timestamps ramp away from its sample count by up to 0.3 % and snap back by
+    10 ms while the samples stay in step (the echo in the microphone keeps one lag behind the
+    reference), and single blocks arrive up to 10.6 ms off. Re-anchoring on such a ramp moved
+    one direction by 10 ms, and AEC3 then lost the echo for seconds (ERLE 7-18 dB instead
+    of 70). So the offset moves only on a gap: after a block flagged as an xrun (samples were
+    lost or inserted), to the median timestamp of the next blocks if it is more than
+    `REANCHOR_TOLERANCE_SAMPLES` off; and, unflagged, when the median of recent timestamps is
+    more than `UNFLAGGED_GAP_SAMPLES` off, further than any ramp seen. Without timestamps (0
+    or missing, as some host APIs report) the stream starts at tick 0.
 
     Args:
         native_rate_hz: rate of the blocks whose timestamps are given.
@@ -104,10 +115,16 @@ class StreamAnchor:
         self.native_rate_hz = native_rate_hz
         self.offset_ticks: int | None = None
         self.reanchors = 0
+        self._deviations: deque[int] = deque(maxlen=DEVIATION_WINDOW_BLOCKS)  # measured − offset
+        self._blocks_since_xrun: int | None = None
 
-    def update(self, first_native_frame: int, block_time_s: float | None) -> int:
-        """Register a block starting at `first_native_frame` taken at `block_time_s`; returns
-        the offset to add to 16 kHz sample indices of this stream."""
+    def update(self, first_native_frame: int, block_time_s: float | None, xrun: bool = False) -> int:
+        """Register a block starting at `first_native_frame` taken at `block_time_s` (`xrun`:
+        the host flagged lost samples just before it); returns the offset to add to 16 kHz
+        sample indices of this stream."""
+        if xrun:
+            self._blocks_since_xrun = 0
+            self._deviations.clear()  # judge the gap on the blocks after it alone
         position = first_native_frame * MODEL_INPUT_RATE_HZ / self.native_rate_hz
         if block_time_s is None or block_time_s <= 0.0:
             if self.offset_ticks is None:
@@ -116,9 +133,18 @@ class StreamAnchor:
         measured = int(round(block_time_s * MODEL_INPUT_RATE_HZ - position))
         if self.offset_ticks is None:
             self.offset_ticks = measured
-        elif abs(measured - self.offset_ticks) > REANCHOR_TOLERANCE_SAMPLES:
-            self.offset_ticks = measured
-            self.reanchors += 1
+            return self.offset_ticks
+        self._deviations.append(measured - self.offset_ticks)
+        if len(self._deviations) >= MIN_DEVIATION_BLOCKS:
+            drift = int(np.median(np.fromiter(self._deviations, dtype=np.int64)))
+            after_xrun = self._blocks_since_xrun is not None and self._blocks_since_xrun < DEVIATION_WINDOW_BLOCKS
+            if abs(drift) > (REANCHOR_TOLERANCE_SAMPLES if after_xrun else UNFLAGGED_GAP_SAMPLES):
+                self.offset_ticks += drift
+                self._deviations = deque((d - drift for d in self._deviations), maxlen=DEVIATION_WINDOW_BLOCKS)
+                self.reanchors += 1
+                self._blocks_since_xrun = None
+        if self._blocks_since_xrun is not None:
+            self._blocks_since_xrun += 1
         return self.offset_ticks
 
 
@@ -177,26 +203,26 @@ class TimedResampler:
         self._segment_start = 0  # 16 kHz position of the current segment's first frame
         self._offset = 0
 
-    def push(self, samples: np.ndarray, first_frame: int,
-             time_s: float | None) -> list[tuple[int, np.ndarray]]:
+    def push(self, samples: np.ndarray, first_frame: int, time_s: float | None,
+             xrun: bool = False) -> list[tuple[int, np.ndarray]]:
         """Resample one (T,) float block; returns [(first_tick, (K,) float32 samples), ...]."""
         pieces = []
         if self._next_frame is not None and first_frame != self._next_frame:
             pieces += self.end_segment()
         if self._next_frame is None:
             self._segment_start = int(round(first_frame * MODEL_INPUT_RATE_HZ / self.native_rate_hz))
-        self._offset = self.anchor.update(first_frame, time_s)
+        self._offset = self.anchor.update(first_frame, time_s, xrun)
         before = self._resampler.emitted
         pieces.append(self._tick_of(before, self._resampler.process(samples)))
         self._next_frame = first_frame + len(samples)
         return [p for p in pieces if len(p[1])]
 
-    def silent_block(self, first_frame: int, frames: int,
-                     time_s: float | None) -> tuple[list[tuple[int, np.ndarray]], int]:
+    def silent_block(self, first_frame: int, frames: int, time_s: float | None,
+                     xrun: bool = False) -> tuple[list[tuple[int, np.ndarray]], int]:
         """A block of silence: ends the current segment; returns (its tail pieces, the tick just
         after the silent block)."""
         pieces = self.end_segment()
-        offset = self.anchor.update(first_frame, time_s)
+        offset = self.anchor.update(first_frame, time_s, xrun)
         return pieces, offset + int(round((first_frame + frames) * MODEL_INPUT_RATE_HZ / self.native_rate_hz))
 
     def end_segment(self) -> list[tuple[int, np.ndarray]]:
