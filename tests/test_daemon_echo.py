@@ -2,8 +2,9 @@
 
 The virtual card gets an echo path (speaker monitor → microphone, delayed and attenuated,
 like a loudspeaker in the room). With AEC on, 20 answers play to their end without a single
-barge-in, and a user talking over the answer should still cut it (not reliable yet: marked
-xfail); with AEC and half duplex off the echo does interrupt (so this test can fail).
+barge-in, and a user talking over the answer still cuts it (the near-end detector passes the
+user's voice, which AEC3's suppressor had chopped below min_barge_in_ms in 1 run of 3); with AEC
+and half duplex off the echo does interrupt (so this test can fail).
 """
 from __future__ import annotations
 
@@ -103,10 +104,6 @@ def test_without_aec_or_half_duplex_the_echo_interrupts(tmp_path, engine, tiny_d
     assert counters.interruptions_answered >= 1  # the assistant took its own voice for a barge-in
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect: over a loud echo, AEC3's suppressor plus the residual-echo gate (audio_io/aec.py, "
-    "6 dB) chop the user's double-talk into 30-150 ms pieces, so about 1 run in 3 never reaches "
-    "min_barge_in_ms; passes otherwise"))
 def test_with_aec_a_user_talking_over_the_answer_still_cuts_it(tmp_path, engine, tiny_dir):
     from assistant.engine import Engine, EngineOptions
     from quantized_models.sampling import TextSamplingConfig
