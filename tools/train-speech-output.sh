@@ -8,17 +8,15 @@ WORK=${1:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 CODEC=${2:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 OUT=${3:-$WORK/model}
 BANK=${BANK:-training/data/banks/full-seed0.texts.json}
-# bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX); set PRECISION= to train in float32.
-PRECISION=${PRECISION---bf16}
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
     --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" $PRECISION
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
-    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" $PRECISION
+    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
 freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
 freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
     --output "$WORK/say.wav"
