@@ -259,3 +259,38 @@ def test_a_finished_run_resumes_without_training_again(chain: dict) -> None:
     assert again["steps"] == 20 and again["seconds"] < 5
     after = load_decoder_result(chain["root"] / "dec")["state"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_kept_decoder_artifact_continues_training(chain: dict, tmp_path: Path) -> None:
+    """tools/keep-stage-result.py on a tts-decoder run, then `tts-decoder --init` it: the new run
+    starts where the kept one ended (its first loss is below the fresh run's first loss)."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from training.tts.stage_decoder import train_tts_decoder
+
+    artifact = tmp_path / "decoder.pt"
+    subprocess.run([sys.executable, "tools/keep-stage-result.py", str(chain["root"] / "dec"), str(artifact)],
+                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    kept = load_decoder_result(artifact)
+    assert all(v.dtype == torch.float16 for v in kept["state"].values() if v.is_floating_point())
+    config = replace(_decoder_config(steps=2), init=artifact)
+    train_tts_decoder(chain["data"], FakeCodec(), chain["llm_dir"], tmp_path / "more", config, speak=fake_speak)
+    fresh_first = _column(chain["root"] / "dec", "loss")[0]
+    continued_first = _column(tmp_path / "more", "loss")[0]
+    assert continued_first < 0.8 * fresh_first, (continued_first, fresh_first)
+
+
+def test_a_decoder_artifact_for_another_codec_is_refused(chain: dict, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from training.tts.stage_decoder import train_tts_decoder
+
+    class OtherCodec(FakeCodec):
+        n_codes = N_CODES // 2
+
+    config = replace(_decoder_config(steps=2), init=chain["root"] / "dec")
+    with pytest.raises(ValueError, match="was trained for .* leave out --init"):
+        train_tts_decoder(chain["data"], OtherCodec(), chain["llm_dir"], tmp_path / "other", config,
+                          speak=fake_speak)

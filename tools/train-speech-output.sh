@@ -8,11 +8,14 @@ WORK=${1:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 CODEC=${2:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 OUT=${3:-$WORK/model}
 BANK=${BANK:-training/data/banks/full-seed0.texts.json}
+# DECODER_INIT: a kept tts-decoder result (tools/keep-stage-result.py) to continue from.
+INIT_ARGS=()
+[ -n "${DECODER_INIT:-}" ] && INIT_ARGS=(--init "$DECODER_INIT")
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
     --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}"
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \

@@ -46,6 +46,9 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=576)
     p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from a tts-decoder result (run directory, result.pt or a kept artifact); "
+                        "its sizes replace --rows-per-vector/--heads/--ffn/--blocks")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -84,7 +87,7 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
-                              train_limit=args.train_limit, speech_cache=args.speech_cache)
+                              train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from assistant.segmentation import normalize_tts_text
+from quantized_models.speech_decoder import SpeechDecoder
 from training.common import LoopConfig, batch_rng, train_loop
 from training.llm_sequence import load_frozen_llm
 from training.tts.decoder_forward import teacher_forced_logits, token_loss
@@ -25,7 +26,9 @@ from training.tts.decoder_model import (
     DecoderExample,
     DecoderGeometry,
     build_decoder,
+    decoder_from_result,
     decoder_layout,
+    load_decoder_result,
     make_batch,
     save_decoder_result,
 )
@@ -70,6 +73,9 @@ class TtsDecoderConfig:
     """Validation pairs for the final held-out loss (0: none)."""
     speech_cache: Path | None = None
     """Where piper's renderings are kept (default: `<run dir>/speech`)."""
+    init: Path | None = None
+    """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
+    training from; its layout replaces `geometry`. None: a fresh decoder."""
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -124,6 +130,25 @@ def held_out_loss(decoder, examples: list[DecoderExample], embed, batch: int = 8
     return {"valid_loss": sum(losses) / sum(weights), "valid_acc": sum(accs) / sum(weights)}
 
 
+def initial_decoder(config: TtsDecoderConfig, llm_hidden: int, n_codes: int) -> tuple[SpeechDecoder, list]:
+    """The decoder training starts from: `config.init`'s weights (checked against this LLM and
+    codec), or a fresh one of `config.geometry`."""
+    if config.init is None:
+        layout = decoder_layout(config.geometry, llm_hidden, n_codes)
+        return build_decoder(layout, config.loop.seed), layout
+    result = load_decoder_result(config.init)
+    layout = result["layout"]
+    idim, odim, args = layout
+    if args.get("trained_for_llm_hidden") != llm_hidden or odim != n_codes:
+        raise ValueError(f"{config.init} was trained for an LLM width {args.get('trained_for_llm_hidden')} "
+                         f"and {odim} codec ids; this run has {llm_hidden} and {n_codes}: pass the LLM "
+                         "and codec it was trained with, or leave out --init to start a fresh decoder")
+    decoder = decoder_from_result(result).float()
+    logger.info("tts-decoder: continuing from %s (%s, %s)", config.init, result.get("stage"),
+                result.get("extra", {}).get("summary", {}))
+    return decoder, layout
+
+
 def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_dir: Path,
                       config: TtsDecoderConfig, speak: Speak | None = None) -> dict:
     """Train decoder + pre-net; writes `run_dir/result.pt` (read by tts-prefix and tts-export)."""
@@ -135,8 +160,7 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
     if not train:
         raise ValueError(f"no training pairs from {data}: the bank has no train texts")
     valid = examples_of(pairs.get("valid", []), tokenizer)
-    layout = decoder_layout(config.geometry, int(embed.embedding_dim), int(codec.n_codes))
-    decoder = build_decoder(layout, config.loop.seed)
+    decoder, layout = initial_decoder(config, int(embed.embedding_dim), int(codec.n_codes))
     for param in decoder.layers_prefix.parameters():
         param.requires_grad_(False)  # trained by tts-prefix on the LLM's hidden states
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
