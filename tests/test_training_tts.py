@@ -254,9 +254,12 @@ def test_a_finished_run_resumes_without_training_again(chain: dict) -> None:
     from training.tts.stage_decoder import train_tts_decoder
 
     before = load_decoder_result(chain["root"] / "dec")["state"]
+    times_before = _column(chain["root"] / "dec", "elapsed_s")
     again = train_tts_decoder(chain["data"], FakeCodec(), chain["llm_dir"], chain["root"] / "dec",
                               _decoder_config(), speak=lambda text: pytest.fail(f"spoke {text!r} again"))
-    assert again["steps"] == 20 and again["seconds"] < 5
+    # no step ran again: a rerun would log new elapsed times (a wall-clock bound here measured the machine)
+    assert again["steps"] == 20
+    assert _column(chain["root"] / "dec", "elapsed_s") == times_before
     after = load_decoder_result(chain["root"] / "dec")["state"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -294,3 +297,56 @@ def test_a_decoder_artifact_for_another_codec_is_refused(chain: dict, tmp_path: 
     with pytest.raises(ValueError, match="was trained for .* leave out --init"):
         train_tts_decoder(chain["data"], OtherCodec(), chain["llm_dir"], tmp_path / "other", config,
                           speak=fake_speak)
+
+
+def _kept_pairs_archive(tmp_path: Path, codec_dir: Path) -> tuple[Path, list]:
+    """A run's pairs (spoken by `fake_speak`) kept by tools/keep-pairs.py for the fixture codec."""
+    import subprocess
+    import sys
+
+    from training.tts.pairs import build_pairs
+
+    texts = [("Hello there.", "statement"), ("I like tea.", "statement")]
+    run = tmp_path / "run1"
+    made = build_pairs(run / "pairs.jsonl", texts, "train", fake_speak, FakeCodec().encode_wav, max_tokens=100)
+    archive = tmp_path / "pairs.jsonl.gz"
+    subprocess.run([sys.executable, "tools/keep-pairs.py", str(run), str(codec_dir), str(archive)],
+                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    return archive, made
+
+
+def test_kept_pairs_start_a_run_that_speaks_only_new_texts(tmp_path: Path, tiny_dir: Path) -> None:
+    from training.tts.kept_pairs import codec_fingerprint, seed_pairs
+    from training.tts.pairs import build_pairs
+
+    archive, made = _kept_pairs_archive(tmp_path, tiny_dir / "checkpoints/codec")
+    fresh = tmp_path / "run2" / "pairs.jsonl"
+    assert seed_pairs(fresh, archive, codec_fingerprint(tiny_dir / "checkpoints/codec")) == 2
+    spoken: list[str] = []
+
+    def speak(text: str) -> tuple[np.ndarray, int]:
+        spoken.append(text)
+        return fake_speak(text)
+
+    texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement")]
+    pairs = build_pairs(fresh, texts, "train", speak, FakeCodec().encode_wav, max_tokens=100)
+    assert spoken == ["Go."]
+    assert pairs[:2] == made
+
+
+def test_kept_pairs_of_another_codec_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    import shutil
+
+    from training.tts.kept_pairs import codec_fingerprint, seed_pairs
+
+    archive, _ = _kept_pairs_archive(tmp_path, tiny_dir / "checkpoints/codec")
+    other = tmp_path / "other-codec"
+    shutil.copytree(tiny_dir / "checkpoints/codec", other)
+    with (other / "final.pt").open("ab") as f:
+        f.write(b"\0")  # a retrained codec: other bytes, other meaning of every id
+    with pytest.raises(ValueError, match="another codec"):
+        seed_pairs(tmp_path / "run2" / "pairs.jsonl", archive, codec_fingerprint(other))
+    assert not (tmp_path / "run2" / "pairs.jsonl").exists()
+    with pytest.raises(ValueError, match="not a kept-pairs archive"):
+        seed_pairs(tmp_path / "run3" / "pairs.jsonl", tmp_path / "run1" / "pairs.jsonl",
+                   codec_fingerprint(other))

@@ -8,14 +8,19 @@ WORK=${1:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 CODEC=${2:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 OUT=${3:-$WORK/model}
 BANK=${BANK:-training/data/banks/full-seed0.texts.json}
-# DECODER_INIT: a kept tts-decoder result (tools/keep-stage-result.py) to continue from.
-INIT_ARGS=()
-[ -n "${DECODER_INIT:-}" ] && INIT_ARGS=(--init "$DECODER_INIT")
+# DECODER_INIT: a kept tts-decoder result (tools/keep-stage-result.py) to continue from
+# (DECODER_LR: its peak learning rate; a continuation restarts the warmup and cosine decay).
+DECODER_ARGS=()
+[ -n "${DECODER_INIT:-}" ] && DECODER_ARGS=(--init "$DECODER_INIT")
+# PAIRS_FROM: kept speech pairs (tools/keep-pairs.py) so only texts they lack are spoken and encoded;
+# the committed archive is used when present (it must come from CODEC_DIR's codec); PAIRS_FROM= speaks all.
+PAIRS_FROM=${PAIRS_FROM-training/artifacts/speech-output/pairs.jsonl.gz}
+[ -n "$PAIRS_FROM" ] && [ -f "$PAIRS_FROM" ] && DECODER_ARGS+=(--pairs-from "$PAIRS_FROM")
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
-    --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr 2e-3 --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}"
+    --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr "${DECODER_LR:-2e-3}" --warmup-steps 50 --checkpoint-every 25 \
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${DECODER_ARGS[@]}"
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \

@@ -165,7 +165,8 @@ class LossLog:
         if resume_step > 0 and self.path.is_file():
             with self.path.open(newline="") as f:
                 self.rows = [
-                    {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)
+                    {k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)
                     if float(row["step"]) <= resume_step
                 ]
         self._write()

@@ -49,6 +49,9 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="continue from a tts-decoder result (run directory, result.pt or a kept artifact); "
                         "its sizes replace --rows-per-vector/--heads/--ffn/--blocks")
+    p.add_argument("--pairs-from", type=Path, default=None,
+                   help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
+                        "refused unless they were encoded by --codec-dir's codec")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -84,6 +87,11 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     from training.tts.stage_decoder import TtsDecoderConfig, train_tts_decoder
 
     codec, llm_dir = _setup(args)
+    if args.pairs_from is not None:
+        from training.tts.kept_pairs import codec_fingerprint, seed_pairs
+        from training.tts.stage_decoder import PAIRS_NAME
+
+        seed_pairs(args.out / PAIRS_NAME, args.pairs_from, codec_fingerprint(args.codec_dir))
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,

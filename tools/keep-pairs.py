@@ -1,0 +1,30 @@
+"""Keep a tts-decoder run's speech pairs (text + codec ids) to start a later run with.
+
+    python tools/keep-pairs.py RUN_DIR_OR_PAIRS_JSONL CODEC_DIR OUT.jsonl.gz
+
+`freeze-omni train tts-decoder --pairs-from OUT.jsonl.gz --codec-dir CODEC_DIR ...` (or
+`PAIRS_FROM=... bash tools/train-speech-output.sh ...`) then speaks only the texts the archive
+lacks. The archive names CODEC_DIR's codec; another codec is refused.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training.tts.kept_pairs import codec_fingerprint, keep_pairs
+from training.tts.stage_decoder import PAIRS_NAME
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="tts-decoder run directory or its pairs.jsonl")
+    parser.add_argument("codec_dir", type=Path, help="the codec that encoded the pairs")
+    parser.add_argument("out", type=Path, help="archive to write (.jsonl.gz)")
+    args = parser.parse_args()
+    source = args.source / PAIRS_NAME if args.source.is_dir() else args.source
+    count = keep_pairs(source, args.out, codec_fingerprint(args.codec_dir))
+    print(f"wrote {args.out}: {count} pairs ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
