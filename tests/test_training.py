@@ -264,7 +264,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(tmp_path: Path) -> None:
+def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("training.common.cpu_has_native_bf16", lambda: True)  # emulated on CPUs without it
     data = write_tiny_data(tmp_path / "data")
     config = Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(12), batch_utterances=4, valid_limit=0)
     train_stage1(data, tmp_path / "fp32", config)
@@ -275,6 +276,19 @@ def test_bf16_autocast_trains_in_bfloat16_and_keeps_float32_weights(tmp_path: Pa
     assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())
     # Same seed and batches: only the forward's precision differs, so the weights must too.
     assert any(not torch.equal(v, fp32[k]) for k, v in bf16.items() if v.is_floating_point())
+
+
+def test_bf16_on_a_cpu_without_native_bfloat16_trains_in_float32_and_says_so(tmp_path: Path, monkeypatch,
+                                                                             caplog) -> None:
+    monkeypatch.setattr("training.common.cpu_has_native_bf16", lambda: False)
+    data = write_tiny_data(tmp_path / "data")
+    config = Stage1Config(geometry=TINY_GEOMETRY, loop=_loop(3), batch_utterances=4, valid_limit=0)
+    train_stage1(data, tmp_path / "fp32", config)
+    with caplog.at_level("WARNING", logger="training.common"):
+        train_stage1(data, tmp_path / "bf16", replace(config, loop=replace(config.loop, bf16_autocast=True)))
+    assert "no native bfloat16" in caplog.text
+    fp32, asked = load_result(tmp_path / "fp32")["state"], load_result(tmp_path / "bf16")["state"]
+    assert all(torch.equal(v, fp32[k]) for k, v in asked.items())
 
 
 def test_stage2_frozen_encoder_steps_train_only_the_adapter(chain: dict, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ STAGE2_STEPS=${STAGE2_STEPS:-2000}
 STAGE2_ENCODER_FROZEN_STEPS=${STAGE2_ENCODER_FROZEN_STEPS:-300}
 STAGE3_STEPS=${STAGE3_STEPS:-500}
 THREADS=${THREADS:-1}
-# bfloat16 autocast: 1.5-2x faster on CPUs with AVX512-BF16 or AMX; set PRECISION= to train in float32.
+# bfloat16 autocast: 1.5-2x faster on CPUs with AVX512-BF16 or AMX (on other CPUs the stages warn and
+# train in float32, since emulated bf16 is over 10x slower); set PRECISION= to train in float32.
 PRECISION=${PRECISION---bf16}
 mkdir -p "$WORK"
 [ -f "$WORK/data/manifest.jsonl" ] || freeze-omni train data --size full --seed 0 --out "$WORK/data"

@@ -31,7 +31,8 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
     """`--threads` and `--bf16`, shared by every training step's parser."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX)")
+                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX; "
+                        "elsewhere ignored with a warning)")
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:
