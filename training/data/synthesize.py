@@ -16,7 +16,10 @@ import os
 import subprocess
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -91,25 +94,58 @@ def _finished(out: Path) -> dict[str, ManifestEntry]:
     return done
 
 
-def render_all(out: Path, specs: list[UtteranceSpec], speakers: Speakers) -> tuple[list[ManifestEntry], int]:
-    """Render every spec whose wav is missing; returns all entries (plan order) and how many were reused."""
+def render_to(out: Path, spec: UtteranceSpec, speakers: Speakers) -> ManifestEntry:
+    """Render one spec into its wav; its manifest entry."""
+    samples, spans = render(spec, speakers)
+    _write_wav(out / spec.wav, samples)
+    return _entry(spec, len(samples), spans)
+
+
+_worker_speakers: Speakers | None = None
+
+
+def _start_worker() -> None:
+    global _worker_speakers
+    _worker_speakers = Speakers(piper_threads=1)  # one process per CPU already; more threads would fight
+
+
+def _render_in_worker(job: tuple[Path, UtteranceSpec]) -> ManifestEntry:
+    return render_to(job[0], job[1], _worker_speakers)
+
+
+def render_all(out: Path, specs: list[UtteranceSpec], speakers: Speakers,
+               workers: int = 1) -> tuple[list[ManifestEntry], int]:
+    """Render every spec whose wav is missing; returns all entries (plan order) and how many were reused.
+
+    `workers` > 1 renders in that many processes, each with its own speakers (`speakers` is then
+    unused); every utterance draws from its own seed, so the wavs are the same as with one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
     done = _finished(out)
-    entries: list[ManifestEntry] = []
-    reused = 0
-    with (out / PARTIAL_NAME).open("a", encoding="utf-8") as partial:
-        for spec in tqdm(specs, desc="speech", unit="utt", mininterval=2.0):
-            previous = done.get(spec.id)
-            if previous is not None and previous.wav == spec.wav and previous.text == spec.text:
-                entries.append(previous)
-                reused += 1
-                continue
-            samples, spans = render(spec, speakers)
-            _write_wav(out / spec.wav, samples)
-            entry = _entry(spec, len(samples), spans)
+    todo = [s for s in specs if not _reusable(done.get(s.id), s)]
+    made: dict[str, ManifestEntry] = {}
+    with (out / PARTIAL_NAME).open("a", encoding="utf-8") as partial, \
+            _renderer(out, speakers, workers) as render_each:
+        for entry in tqdm(render_each(todo), total=len(todo), desc="speech", unit="utt", mininterval=2.0):
             partial.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
             partial.flush()
-            entries.append(entry)
-    return entries, reused
+            made[entry.id] = entry
+    entries = [made.get(s.id) or done[s.id] for s in specs]
+    return entries, len(specs) - len(todo)
+
+
+def _reusable(previous: ManifestEntry | None, spec: UtteranceSpec) -> bool:
+    return previous is not None and previous.wav == spec.wav and previous.text == spec.text
+
+
+@contextmanager
+def _renderer(out: Path, speakers: Speakers, workers: int):
+    """A function: specs -> their entries in order, rendered here or in `workers` processes."""
+    if workers <= 1:
+        yield lambda todo: (render_to(out, spec, speakers) for spec in todo)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker) as pool:
+        yield lambda todo: pool.map(_render_in_worker, [(out, spec) for spec in todo], chunksize=8)
 
 
 def _same_texts(settings: dict, wanted: dict) -> bool:
@@ -191,8 +227,9 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None) -> dict:
-    """Create (or finish) the data set in `out`; returns what `meta.json` holds.
+def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None, workers: int = 1) -> dict:
+    """Create (or finish) the data set in `out`; returns what `meta.json` holds (`workers`: processes
+    rendering the audio).
 
     Raises:
         ValueError: unknown size.
@@ -215,7 +252,7 @@ def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None
     bank = make_text_bank(out, size, seed, llm_dir)
     texts_s = time.perf_counter() - start
     specs = Planner(size, bank, seed, use_piper).plan()
-    entries, reused = render_all(out, specs, Speakers())
+    entries, reused = render_all(out, specs, Speakers(), workers)
     write_manifest(out, entries)
     meta = {
         "seed": seed, "size": size_name, "sample_rate_hz": SAMPLE_RATE_HZ,
