@@ -36,8 +36,8 @@ def codec_fingerprint(codec_dir: Path) -> str:
 
 
 def keep_pairs(pairs_path: Path, out: Path, fingerprint: str) -> int:
-    """Write the pairs of `pairs_path` to the gzip'd archive `out`; returns how many."""
-    pairs = read_pairs(pairs_path)
+    """Write the distinct pairs of `pairs_path` to the gzip'd archive `out`; returns how many."""
+    pairs = list({(p.text, p.split): p for p in read_pairs(pairs_path)}.values())
     if not pairs:
         raise ValueError(f"{pairs_path} holds no pairs: pass a tts-decoder run's pairs.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
