@@ -8,8 +8,8 @@ arguments to `add_train_parsers`' step subparsers (`STEP_PARSERS`) and a handler
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 

