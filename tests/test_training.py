@@ -387,3 +387,102 @@ def test_an_eval_limit_samples_every_kind_not_the_first_rows():
     rows = ["question"] * 6 + ["nonquery"] * 6  # the manifest groups kinds
     assert spread(rows, 4) == ["question", "question", "nonquery", "nonquery"]
     assert spread(rows, None) == rows and spread(rows, 99) == rows
+
+
+def test_replayed_state_rates_follow_the_first_decision() -> None:
+    from training.state_head import ChunkFeatures, replay_metrics
+
+    def entry(kind: str, chunks: int, pauses: list) -> ManifestEntry:
+        return ManifestEntry(id=kind, split="valid", voice="espeak:en", kind=kind, text="x", answer=None,
+                             wav="", num_samples=chunks * CHUNK_SAMPLES, pause_spans=pauses, seed=0)
+
+    pause = [[CHUNK_SAMPLES, 2 * CHUNK_SAMPLES - 1]]  # chunk 1 only
+    data = ChunkFeatures(torch.zeros(0), torch.zeros(0), [0, 7, 14],
+                         [entry("question", 5, pause), entry("nonquery", 5, [])])
+    cont, respond, ignore = [0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]
+    on_time = np.array([cont] * 5 + [respond] + [cont] + [cont] * 4 + [ignore] + [cont] * 2)
+    assert replay_metrics(on_time, data) == {"respond_within_2_chunks": 1.0, "ignore_rate": 1.0,
+                                             "false_end_rate": 0.0}
+    early = np.array([cont, respond] + [cont] * 5 + [cont] * 3 + [respond] + [ignore] + [cont] * 2)
+    assert replay_metrics(early, data) == {"respond_within_2_chunks": 0.0, "ignore_rate": 0.0,
+                                           "false_end_rate": 1.0}
+
+
+def test_vectorised_decisions_equal_the_engine_rule() -> None:
+    from assistant.dialogue import Decision, DecisionThresholds, decide
+    from training.state_head import chunk_decisions
+
+    grid = np.array([0.0, 0.3, 0.5, 0.5000001, 0.7, 1.0], dtype=np.float32)
+    probs = np.array([[1.0, a, b] for a in grid for b in grid], dtype=np.float32)
+    for thresholds in (DecisionThresholds(), DecisionThresholds(0.3, 0.7)):
+        codes = {Decision.CONTINUE: 0, Decision.RESPOND: 1, Decision.IGNORE: 2}
+        expected = [codes[decide(float(p1), float(p2), thresholds)] for _, p1, p2 in probs]
+        assert chunk_decisions(probs, thresholds).tolist() == expected
+
+
+def test_state_head_refit_is_what_the_engine_streams(chain: dict, tmp_path: Path, caplog) -> None:
+    from assistant.engine import Engine, EngineOptions
+    from quantized_models.model_dir import load_models
+    from training.export import export_model_dir
+    from training.state_head import HeadFitConfig, fit_state_head, replay_score
+
+    config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(-1.0, 0.0, 1.0),
+                           lbfgs_iterations=50)
+    with pytest.raises(ValueError, match="stage-3"):
+        fit_state_head(chain["root"] / "run2", chain["data"], chain["llm_dir"], tmp_path / "bad", config)
+    summary = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "head",
+                             config)
+    assert summary["score"] >= replay_score(summary["valid_start"])
+    start = load_result(chain["root"] / "run3")["state"]
+    refit = load_result(tmp_path / "head")["state"]
+    assert not torch.equal(start["predictor_head.weight"], refit["predictor_head.weight"])
+    assert all(torch.equal(start[k], refit[k]) for k in start if not k.startswith("predictor_head"))
+    with caplog.at_level("INFO", logger="training.state_head"):
+        again = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "head",
+                               config)
+    assert "reusing" in caplog.text and again["score"] == summary["score"]
+
+    cached = torch.load(tmp_path / "head/features-train.pt", weights_only=False)["features"]
+    turn = next(i for i, e in enumerate(cached.entries) if e.id == "u1")  # the question with a pause
+    rows = cached.features[cached.turn_starts[turn]:cached.turn_starts[turn + 1]]
+    head = load_result(tmp_path / "head")["state"]
+    expected = torch.softmax(rows @ head["predictor_head.weight"][:3].T + head["predictor_head.bias"][:3], -1)
+
+    model_dir = export_model_dir(tmp_path / "head", tmp_path / "model", speech_from=chain["model_dir"])
+    models = load_models(model_dir, chain["llm_dir"], torch.device("cpu"), torch.float32)
+    engine = Engine(models, EngineOptions())
+    state = engine.prefill_system(engine.new_session(seed=0))
+    samples = load_wav(chain["data"] / "wav/u1.wav")
+    padded = np.pad(samples, (0, rows.shape[0] * CHUNK_SAMPLES - samples.shape[0]))
+    streamed = []
+    for k in range(rows.shape[0]):
+        listened, state = engine.listen_chunk(
+            state, torch.from_numpy(padded[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES]), follow_decision=False)
+        streamed.append(listened.probs)
+    torch.testing.assert_close(expected, torch.tensor(streamed), rtol=1e-4, atol=1e-5)
+
+
+def test_state_features_leave_a_batchnorm_adapter_alone(chain: dict, monkeypatch) -> None:
+    """The two-convolution adapter (BatchNorm) must run as the engine runs it, whatever the batch."""
+    import quantized_models.adapter as adapter_module
+    from quantized_models.llm import ChatLayout
+    from training.llm_sequence import TurnLayout, load_frozen_llm
+    from training.model_config import AudioLlmParts
+    from training.state_head import HeadFitConfig, extract_features
+
+    monkeypatch.setattr(adapter_module, "SINGLE_CONV_WIDENING", 1)  # 32-wide encoder, 64-wide LLM
+    result = load_result(chain["root"] / "run3")
+    parts = AudioLlmParts.build(result["train_yaml"], result["cmvn"])
+    assert parts.adapter.dims.two_convs and parts.adapter.training  # as `build` leaves it
+    with torch.no_grad():
+        for bn in (parts.adapter.bn1, parts.adapter.bn2):  # statistics unlike a fresh batch's
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in parts.adapter.state_dict().items()}
+    causal_lm, tokenizer = load_frozen_llm(chain["llm_dir"])
+    layout = ChatLayout.from_template(result["train_yaml"]["model_conf"]["chat_template"], tokenizer)
+    turns = TurnLayout(causal_lm, tokenizer, layout)
+    one = extract_features(parts, turns, chain["data"], "train", HeadFitConfig(batch_turns=1))
+    three = extract_features(parts, turns, chain["data"], "train", HeadFitConfig(batch_turns=3))
+    assert all(torch.equal(before[k], v) for k, v in parts.adapter.state_dict().items())
+    torch.testing.assert_close(one.features, three.features, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The speech-input recipe (training issue part 1) as run for the committed model: data, stages 1-3,
-# export, evaluation. Every step resumes where it stopped when re-run with the same WORK folder.
+# the state-head refit, export, evaluation. Every step resumes where it stopped when re-run with the
+# same WORK folder.
 #   bash tools/train-speech-input.sh WORK_DIR [MODEL_OUT]
 # Step counts are sized for a 2-core CPU session (see training/README.md for times and results).
 set -euo pipefail
@@ -25,7 +26,10 @@ mkdir -p "$WORK"
 [ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$WORK/stage2" \
     --out "$WORK/stage3" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
     --checkpoint-every 100
-freeze-omni train export --init "$WORK/stage3" --out "$OUT"
+# The state head refitted on cached chunk features (encoder, adapter, prompts and LLM are frozen by now).
+[ -f "$WORK/state-head/result.pt" ] || freeze-omni train state-head --data "$WORK/data" --init "$WORK/stage3" \
+    --out "$WORK/state-head" --threads "$THREADS"
+freeze-omni train export --init "$WORK/state-head" --out "$OUT"
 freeze-omni eval asr --model-dir "$OUT" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
 freeze-omni eval states --model-dir "$OUT" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
     | tee "$WORK/eval_states.json"

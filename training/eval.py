@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
 
     entries = spread([e for e in read_manifest(data_dir, "test") if normalise_words(e.text)], limit)
     errors = words = 0
-    for entry in entries:
+    for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
         hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav)))
         errors += word_errors(hyp, ref)
@@ -112,7 +113,7 @@ def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
     entries = spread([e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")], limit)
     counts = {"question": [0, 0], "nonquery": [0, 0]}  # kind -> [in time, total]
     false_ends = pauses = 0
-    for entry in entries:
+    for entry in tqdm(entries, desc="eval states", unit="turn", leave=False):
         outcome = stream_turn(engine, load_wav(data_dir / entry.wav))
         score = score_turn(entry.kind, entry.num_samples, entry.pause_spans, outcome)
         counts[entry.kind][0] += int(score["in_time"])

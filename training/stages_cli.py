@@ -1,4 +1,4 @@
-"""`freeze-omni train stage1|stage2|stage3|export`: argparse builders and handlers.
+"""`freeze-omni train stage1|stage2|stage3|state-head|export`: argparse builders and handlers.
 
 Registered in `training.cli` (STEP_PARSERS / TRAIN_HANDLERS). Arguments only build the frozen
 stage configs; heavy imports happen inside the handlers.
@@ -71,6 +71,19 @@ def add_stage3(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--tail-chunks", type=int, default=1, help="silent chunks after each turn, end-labelled")
 
 
+def add_state_head(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("state-head", help="refit the state head of a stage-3 result on cached LLM "
+                                            "features, chosen by the replayed `eval states` rates on the "
+                                            "valid split")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--init", type=Path, required=True, help="stage-3 run directory (or its result.pt)")
+    p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (feature caches, result.pt)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training turns")
+    # No --bf16: the features must be the float32 states the engine's head reads.
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def add_export(steps: argparse._SubParsersAction) -> None:
     p = steps.add_parser("export", help="write a stage-2/3 result as a model directory (released layout)")
     p.add_argument("--init", type=Path, required=True, help="run directory (or result.pt) of stage 2 or 3")
@@ -127,6 +140,14 @@ def run_stage3(args: argparse.Namespace) -> int:
     return _report(train_stage3(args.init, args.data, _llm_dir(args), args.out, config))
 
 
+def run_state_head(args: argparse.Namespace) -> int:
+    from training.state_head import HeadFitConfig, fit_state_head
+
+    _setup(args)
+    return _report(fit_state_head(args.init, args.data, _llm_dir(args), args.out,
+                                  HeadFitConfig(train_limit=args.train_limit)))
+
+
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_model_dir
 
@@ -135,7 +156,9 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGE_PARSERS = {"stage1": add_stage1, "stage2": add_stage2, "stage3": add_stage3, "export": add_export}
+STAGE_PARSERS = {"stage1": add_stage1, "stage2": add_stage2, "stage3": add_stage3,
+                 "state-head": add_state_head, "export": add_export}
 """Step name -> function adding its subparser (merged into `training.cli.STEP_PARSERS`)."""
-STAGE_HANDLERS = {"stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3, "export": run_export}
+STAGE_HANDLERS = {"stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3,
+                  "state-head": run_state_head, "export": run_export}
 """Step name -> handler (merged into `training.cli.TRAIN_HANDLERS`)."""
