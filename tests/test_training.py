@@ -223,9 +223,7 @@ def test_the_kept_speech_input_artifact_loads_into_the_stage_modules() -> None:
 
 
 def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:
-    from assistant.engine import Engine, EngineOptions
     from quantized_models.llm import ChatLayout
-    from quantized_models.model_dir import load_models
     from training.llm_sequence import TurnLayout, load_frozen_llm
     from training.model_config import AudioLlmParts
 
@@ -240,16 +238,24 @@ def test_training_state_logits_equal_engine_streaming(chain: dict) -> None:
         logits = chunk_state_logits(parts, turns, utterance_chunks(samples))
     trained = torch.softmax(logits[:, :3], dim=-1)
 
-    engine = Engine(load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32),
-                    EngineOptions())
+    streamed = streamed_probs(chain["model_dir"], chain["llm_dir"], samples, logits.shape[0])
+    torch.testing.assert_close(trained, streamed, rtol=1e-4, atol=1e-5)
+
+
+def streamed_probs(model_dir: Path, llm_dir: Path, samples: np.ndarray, chunks: int) -> torch.Tensor:
+    """[chunks, 3] state probabilities of the engine's `listen_chunk` over zero-padded samples."""
+    from assistant.engine import Engine, EngineOptions
+    from quantized_models.model_dir import load_models
+
+    engine = Engine(load_models(model_dir, llm_dir, torch.device("cpu"), torch.float32), EngineOptions())
     state = engine.prefill_system(engine.new_session(seed=0))
-    padded = np.pad(samples, (0, logits.shape[0] * CHUNK_SAMPLES - samples.shape[0]))
+    padded = np.pad(samples, (0, chunks * CHUNK_SAMPLES - samples.shape[0]))
     streamed = []
-    for k in range(logits.shape[0]):
+    for k in range(chunks):
         listened, state = engine.listen_chunk(
             state, torch.from_numpy(padded[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES]), follow_decision=False)
         streamed.append(listened.probs)
-    torch.testing.assert_close(trained, torch.tensor(streamed), rtol=1e-4, atol=1e-5)
+    return torch.tensor(streamed)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
@@ -421,8 +427,6 @@ def test_vectorised_decisions_equal_the_engine_rule() -> None:
 
 
 def test_state_head_refit_is_what_the_engine_streams(chain: dict, tmp_path: Path, caplog) -> None:
-    from assistant.engine import Engine, EngineOptions
-    from quantized_models.model_dir import load_models
     from training.export import export_model_dir
     from training.state_head import HeadFitConfig, fit_state_head, replay_score
 
@@ -449,17 +453,9 @@ def test_state_head_refit_is_what_the_engine_streams(chain: dict, tmp_path: Path
     expected = torch.softmax(rows @ head["predictor_head.weight"][:3].T + head["predictor_head.bias"][:3], -1)
 
     model_dir = export_model_dir(tmp_path / "head", tmp_path / "model", speech_from=chain["model_dir"])
-    models = load_models(model_dir, chain["llm_dir"], torch.device("cpu"), torch.float32)
-    engine = Engine(models, EngineOptions())
-    state = engine.prefill_system(engine.new_session(seed=0))
     samples = load_wav(chain["data"] / "wav/u1.wav")
-    padded = np.pad(samples, (0, rows.shape[0] * CHUNK_SAMPLES - samples.shape[0]))
-    streamed = []
-    for k in range(rows.shape[0]):
-        listened, state = engine.listen_chunk(
-            state, torch.from_numpy(padded[k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES]), follow_decision=False)
-        streamed.append(listened.probs)
-    torch.testing.assert_close(expected, torch.tensor(streamed), rtol=1e-4, atol=1e-5)
+    streamed = streamed_probs(model_dir, chain["llm_dir"], samples, rows.shape[0])
+    torch.testing.assert_close(expected, streamed, rtol=1e-4, atol=1e-5)
 
 
 def test_state_features_leave_a_batchnorm_adapter_alone(chain: dict, monkeypatch) -> None:

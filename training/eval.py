@@ -105,16 +105,11 @@ def score_turn(kind: str, num_samples: int, pauses: list[list[int]], outcome: Tu
     return {"in_time": in_time, "false_ends": false_ends}
 
 
-def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
-    """respond_within_2_chunks, ignore_rate and false_end_rate over the test split."""
-    from training.data.manifest import read_manifest
-    from training.features import load_wav
-
-    entries = spread([e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")], limit)
+def state_rates(outcomes) -> dict[str, float | None]:
+    """respond_within_2_chunks, ignore_rate and false_end_rate of (entry, TurnOutcome) pairs."""
     counts = {"question": [0, 0], "nonquery": [0, 0]}  # kind -> [in time, total]
     false_ends = pauses = 0
-    for entry in tqdm(entries, desc="eval states", unit="turn", leave=False):
-        outcome = stream_turn(engine, load_wav(data_dir / entry.wav))
+    for entry, outcome in outcomes:
         score = score_turn(entry.kind, entry.num_samples, entry.pause_spans, outcome)
         counts[entry.kind][0] += int(score["in_time"])
         counts[entry.kind][1] += 1
@@ -122,4 +117,16 @@ def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
         pauses += len(entry.pause_spans)
     rate = lambda hit, total: hit / total if total else None  # noqa: E731
     return {"respond_within_2_chunks": rate(*counts["question"]), "ignore_rate": rate(*counts["nonquery"]),
-            "false_end_rate": rate(false_ends, pauses), "n": len(entries)}
+            "false_end_rate": rate(false_ends, pauses)}
+
+
+def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
+    """respond_within_2_chunks, ignore_rate and false_end_rate over the test split."""
+    from training.data.manifest import read_manifest
+    from training.features import load_wav
+
+    dialogue = [e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")]
+    entries = spread(dialogue, limit)
+    streamed = ((entry, stream_turn(engine, load_wav(data_dir / entry.wav)))
+                for entry in tqdm(entries, desc="eval states", unit="turn", leave=False))
+    return state_rates(streamed) | {"n": len(entries)}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from training.common import RESULT_NAME, freeze, save_atomic
 from training.data.manifest import ManifestEntry
-from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, score_turn
+from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import chunk_labels, load_utterances
 from training.llm_sequence import TurnItem
 from training.model_config import save_result
@@ -140,22 +140,16 @@ def replay_metrics(probs: np.ndarray, data: ChunkFeatures, thresholds=None) -> d
     from assistant.dialogue import DecisionThresholds
 
     codes = chunk_decisions(probs, thresholds or DecisionThresholds())
-    counts = {"question": [0, 0], "nonquery": [0, 0]}
-    false_ends = pauses = 0
-    for t, entry in enumerate(data.entries):
-        decided = np.flatnonzero(codes[data.turn_starts[t]:data.turn_starts[t + 1]])
-        outcome = TurnOutcome(None, None)
-        if decided.size:
-            first = int(decided[0])
-            outcome = TurnOutcome(first, "respond" if codes[data.turn_starts[t] + first] == 1 else "ignore")
-        score = score_turn(entry.kind, entry.num_samples, entry.pause_spans, outcome)
-        counts[entry.kind][0] += int(score["in_time"])
-        counts[entry.kind][1] += 1
-        false_ends += score["false_ends"]
-        pauses += len(entry.pause_spans)
-    rate = lambda hit, total: hit / total if total else None  # noqa: E731
-    return {"respond_within_2_chunks": rate(*counts["question"]), "ignore_rate": rate(*counts["nonquery"]),
-            "false_end_rate": rate(false_ends, pauses)}
+
+    def outcome(t: int) -> TurnOutcome:
+        turn = codes[data.turn_starts[t]:data.turn_starts[t + 1]]
+        decided = np.flatnonzero(turn)
+        if not decided.size:
+            return TurnOutcome(None, None)
+        first = int(decided[0])
+        return TurnOutcome(first, "respond" if turn[first] == 1 else "ignore")
+
+    return state_rates((entry, outcome(t)) for t, entry in enumerate(data.entries))
 
 
 def replay_score(metrics: dict[str, float | None]) -> float:
