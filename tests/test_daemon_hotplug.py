@@ -27,6 +27,8 @@ def test_daemon_survives_ten_unplugs_mid_answer(tmp_path, tiny_dir):
     # no thread or descriptor per re-open
     assert {(s["threads"], s["fds"]) for s in sizes[1:]} == {(sizes[-1]["threads"], sizes[-1]["fds"])}, sizes
     # A leak grows every cycle; one-off allocations (the allocator keeping a longer answer's
-    # buffers) do not: the second half of the cycles must be flat
-    half = sizes[CYCLES // 2]["rss_kb"]
-    assert sizes[-1]["rss_kb"] - half < 8_192, sizes
+    # buffers, or handing them back) do not. Resident size moved by up to +-10 MB in one cycle
+    # here, either way, so each end is the median of three cycles: cycles 3-5 against the last
+    # three (4 cycles apart) may differ by less than 8 MB, i.e. a leak of 2 MB per cycle fails.
+    kb = [s["rss_kb"] for s in sizes]
+    assert sorted(kb[-3:])[1] - sorted(kb[3:6])[1] < 8_192, kb
