@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from training.common import RESULT_NAME, freeze, save_atomic
-from training.data.manifest import ManifestEntry
+from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
+from training.data.manifest import ManifestEntry, read_manifest
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import chunk_labels, load_utterances
 from training.llm_sequence import TurnItem
-from training.model_config import save_result
+from training.model_config import load_result, save_result
 from training.stage2_connect import audio_vectors, build_stage2
 from training.stage3_dialogue import DIALOGUE_KINDS
 
@@ -217,9 +217,6 @@ def choose_head(train: ChunkFeatures, valid: ChunkFeatures, init_w: Tensor, init
 
 def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig) -> dict:
     """Refit the state head of a stage-3 result; writes `run_dir/result.pt` (stage 3)."""
-    from training.common import assert_frozen
-    from training.model_config import load_result
-
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
     if load_result(source)["stage"] != 3:
         raise ValueError(f"{init}: the state head is refitted on a stage-3 result (run stage 3 first)")
@@ -228,9 +225,9 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     run_dir.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)
     train = cached_features(parts, turns, data_dir, "train", config, run_dir / "features-train.pt", sha)
-    try:
+    if any(e.kind in DIALOGUE_KINDS for e in read_manifest(data_dir, "valid")):
         valid = cached_features(parts, turns, data_dir, "valid", config, run_dir / "features-valid.pt", sha)
-    except ValueError:
+    else:
         logger.warning("state-head: %s has no valid dialogue turns; choosing on the train split", data_dir)
         valid = train
     head = parts.heads.predictor_head
