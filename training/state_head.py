@@ -15,7 +15,6 @@ unchanged: only `predictor_head` rows 0..2 of the result change.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -26,12 +25,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from quantized_models.onnx_export import file_sha256
 from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import chunk_labels, load_utterances
 from training.llm_sequence import TurnItem
-from training.model_config import load_result, save_result
+from training.model_config import save_result
 from training.stage2_connect import audio_vectors, build_stage2
 from training.stage3_dialogue import DIALOGUE_KINDS
 
@@ -68,10 +68,6 @@ class ChunkFeatures:
     entries: list[ManifestEntry]
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @torch.no_grad()
 def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig) -> ChunkFeatures:
     """One frozen forward pass per turn (batched by length), keeping the chunk-end states.
@@ -87,7 +83,7 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
     if not utts:
         raise ValueError(f"{data_dir}: the {split} split holds no questions or non-queries")
     order = sorted(range(len(utts)), key=lambda i: utts[i].chunks.shape[0])
-    per_turn: dict[int, Tensor] = {}
+    per_turn: dict[int, tuple[Tensor, Tensor]] = {}  # turn -> (features, labels)
     lead = parts.heads.prompt_embeddings.weight
     for start in tqdm(range(0, len(order), config.batch_turns), desc=f"state features ({split})",
                       unit="batch", leave=False):
@@ -101,11 +97,10 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
         picked = hidden[batch.state_rows[:, 0], batch.state_rows[:, 1]].float()
         rows = batch.state_rows[:, 0]
         for row, i in enumerate(index):
-            per_turn[i] = picked[rows == row]
-    labels = [torch.tensor(chunk_labels(u.entry, RESPONSE_WINDOW_CHUNKS)) for u in utts]
+            per_turn[i] = picked[rows == row], batch.state_targets[rows == row]
+    features, labels = zip(*(per_turn[i] for i in range(len(utts))))
     starts = np.cumsum([0] + [len(x) for x in labels]).tolist()
-    return ChunkFeatures(torch.cat([per_turn[i] for i in range(len(utts))]), torch.cat(labels),
-                         starts, [u.entry for u in utts])
+    return ChunkFeatures(torch.cat(features), torch.cat(labels), starts, [u.entry for u in utts])
 
 
 def cached_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
@@ -218,9 +213,9 @@ def choose_head(train: ChunkFeatures, valid: ChunkFeatures, init_w: Tensor, init
 def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig) -> dict:
     """Refit the state head of a stage-3 result; writes `run_dir/result.pt` (stage 3)."""
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
-    if load_result(source)["stage"] != 3:
-        raise ValueError(f"{init}: the state head is refitted on a stage-3 result (run stage 3 first)")
     parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0)
+    if previous["stage"] != 3:
+        raise ValueError(f"{init}: the state head is refitted on a stage-3 result (run stage 3 first)")
     checksum = assert_frozen(causal_lm)
     run_dir.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)
