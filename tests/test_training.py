@@ -18,7 +18,7 @@ import torch
 
 from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_step
 from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, freeze, weights_checksum
-from training.data.manifest import ManifestEntry, write_manifest
+from training.data.manifest import ManifestEntry, read_manifest, write_manifest
 from training.features import ChunkLabel, CharVocab, chunk_labels, load_wav, utterance_chunks
 from training.model_config import EncoderGeometry, build_encoder, encoder_train_yaml, load_result
 from training.stage1_encoder import Stage1Config, chunk_mask, train_stage1
@@ -482,3 +482,31 @@ def test_state_features_leave_a_batchnorm_adapter_alone(chain: dict, monkeypatch
     three = extract_features(parts, turns, chain["data"], "train", HeadFitConfig(batch_turns=3))
     assert all(torch.equal(before[k], v) for k, v in parts.adapter.state_dict().items())
     torch.testing.assert_close(one.features, three.features, rtol=1e-4, atol=1e-5)
+
+
+def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: dict, tmp_path: Path) -> None:
+    """A second data set's train split (another seed) may hold this data's test texts: left out."""
+    from training.state_head import HeadFitConfig, fit_state_head
+
+    own = read_manifest(chain["data"])
+    test_texts = {e.text for e in own if e.split == "test"}
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "wav").symlink_to(chain["data"] / "wav")
+    # Every entry moves to train; one held-out text comes back re-cased, with other punctuation.
+    moved = [replace(e, split="train") for e in own]
+    recased = replace(next(e for e in moved if e.id == "u10"), id="u10b",
+                                  text=next(e.text for e in own if e.id == "u10").upper() + "?!")
+    write_manifest(extra, [*moved, recased])
+    config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(0.0,),
+                           lbfgs_iterations=20)
+    alone = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "alone", config)
+    summary = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "more",
+                             config, extra_data=(extra,))
+    cached = torch.load(tmp_path / "more/features-extra1-train.pt", weights_only=False)["features"]
+    own_train_turns = [e.id for e in own if e.split == "train" and e.kind in ("question", "nonquery")]
+    assert [e.id for e in cached.entries] and not {e.text for e in cached.entries} & test_texts
+    assert sorted(e.id for e in cached.entries) == sorted(own_train_turns)
+    assert summary["extra_train_turns"] == len(own_train_turns)
+    assert summary["train_turns"] == alone["train_turns"] + len(own_train_turns)
+    assert summary["train_chunks"] == 2 * alone["train_chunks"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,23 @@ def test_kept_pairs_of_another_codec_are_refused(tmp_path: Path, tiny_dir: Path)
     with pytest.raises(ValueError, match="not a kept-pairs archive"):
         seed_pairs(tmp_path / "run3" / "pairs.jsonl", tmp_path / "run1" / "pairs.jsonl",
                    codec_fingerprint(other))
+
+
+def test_extra_banks_add_train_texts_but_never_held_out_ones(tmp_path: Path) -> None:
+    """Another seed's bank may hold this bank's valid/test texts (here re-cased): left out."""
+    from training.tts.pairs import bank_texts, load_bank, train_texts
+    from training.tts.stage_decoder import make_pairs
+
+    main = _bank(tmp_path / "main")
+    extra = TextBank(statements={"train": ["rain FALLS!", "A cat sleeps.", "Hello there."]},
+                     questions={"train": ["Who is there?", "Is it hot?"]}, nonqueries={},
+                     answers={"Who is there?": "A friend is there.", "Is it hot?": "It is noon. It is hot."})
+    extra.save(tmp_path / "extra.json")
+    own = bank_texts(load_bank(main), "train")
+    merged = train_texts(load_bank(main), [extra])
+    assert merged[:len(own)] == own
+    assert merged[len(own):] == [("A cat sleeps.", "statement"), ("Is it hot?", "question"),
+                                 ("It is hot.", "answer")]
+    config = replace(_decoder_config(), extra_data=(tmp_path / "extra.json",), valid_limit=0)
+    pairs = make_pairs(main, FakeCodec(), tmp_path / "run", config, fake_speak)
+    assert [p.text for p in pairs["train"]] == [t for t, _ in merged]

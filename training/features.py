@@ -27,6 +27,7 @@ from quantized_models.frontend import (
     kaldi_fbank,
 )
 from training.data.manifest import ManifestEntry, read_manifest
+from training.data.texts import dedup_key
 
 N_MELS = 80  # the released front end's mel bins (train.yaml input_dim)
 
@@ -104,9 +105,12 @@ class Utterance:
 
 
 def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
-                    limit: int | None = None, tail_chunks: int = 0) -> list[Utterance]:
-    """Features of every entry of `split` whose kind is in `kinds` (first `limit` ones)."""
-    entries = [e for e in read_manifest(data_dir, split) if e.kind in kinds]
+                    limit: int | None = None, tail_chunks: int = 0,
+                    excluded_keys: frozenset[str] = frozenset()) -> list[Utterance]:
+    """Features of every entry of `split` whose kind is in `kinds` (first `limit` ones), leaving
+    out entries whose text's dedup key is in `excluded_keys`."""
+    entries = [e for e in read_manifest(data_dir, split)
+               if e.kind in kinds and dedup_key(e.text) not in excluded_keys]
     if limit is not None:
         entries = entries[:limit]
     return [Utterance(e, utterance_chunks(with_tail(load_wav(data_dir / e.wav), tail_chunks)))

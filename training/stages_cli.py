@@ -80,6 +80,9 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     p.add_argument("--out", type=Path, required=True, help="run directory (feature caches, result.pt)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training turns")
+    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
+                   help="more `train data` directories (e.g. another --seed) whose train turns are added, "
+                        "less any text --data holds out for valid or test")
     # No --bf16: the features must be the float32 states the engine's head reads.
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -145,7 +148,7 @@ def run_state_head(args: argparse.Namespace) -> int:
 
     _setup(args)
     return _report(fit_state_head(args.init, args.data, _llm_dir(args), args.out,
-                                  HeadFitConfig(train_limit=args.train_limit)))
+                                  HeadFitConfig(train_limit=args.train_limit), tuple(args.extra_data)))
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ unchanged: only `predictor_head` rows 0..2 of the result change.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from quantized_models.onnx_export import file_sha256
 from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
+from training.data.texts import held_out_keys
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import chunk_labels, load_utterances
 from training.llm_sequence import TurnItem
@@ -68,8 +70,19 @@ class ChunkFeatures:
     entries: list[ManifestEntry]
 
 
+def concat_features(parts: list[ChunkFeatures]) -> ChunkFeatures:
+    """Several splits' features as one (turns in order)."""
+    starts, offset = [0], 0
+    for part in parts:
+        starts += [offset + s for s in part.turn_starts[1:]]
+        offset += part.turn_starts[-1]
+    return ChunkFeatures(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]),
+                         starts, [e for p in parts for e in p.entries])
+
+
 @torch.no_grad()
-def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig) -> ChunkFeatures:
+def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
+                     excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
     """One frozen forward pass per turn (batched by length), keeping the chunk-end states.
 
     The encoder and adapter run in eval mode, as in the engine: in training mode the adapter's
@@ -79,7 +92,8 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
     freeze(parts.encoder)
     freeze(parts.adapter)
     utts = load_utterances(data_dir, split, DIALOGUE_KINDS,
-                           config.train_limit if split == "train" else None, RESPONSE_WINDOW_CHUNKS)
+                           config.train_limit if split == "train" else None, RESPONSE_WINDOW_CHUNKS,
+                           excluded_keys)
     if not utts:
         raise ValueError(f"{data_dir}: the {split} split holds no questions or non-queries")
     order = sorted(range(len(utts)), key=lambda i: utts[i].chunks.shape[0])
@@ -104,16 +118,19 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
 
 
 def cached_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
-                    cache: Path, source_sha: str) -> ChunkFeatures:
-    """`extract_features`, kept in `cache` for the same source result, manifest, split and limit."""
+                    cache: Path, source_sha: str, excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
+    """`extract_features`, kept in `cache` for the same source result, manifest, split, limit and
+    exclusions."""
+    excluded = hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest()
     wanted = {"source_sha256": source_sha, "manifest_sha256": file_sha256(data_dir / "manifest.jsonl"),
-              "split": split, "limit": config.train_limit}
+              "split": split, "limit": config.train_limit,
+              "excluded_sha256": excluded if excluded_keys else None}
     if cache.is_file():
         kept = torch.load(cache, map_location="cpu", weights_only=False)
         if all(kept.get(k) == v for k, v in wanted.items()):
             logger.info("state-head: reusing %s", cache)
             return kept["features"]
-    found = extract_features(parts, turns, data_dir, split, config)
+    found = extract_features(parts, turns, data_dir, split, config, excluded_keys)
     save_atomic({**wanted, "features": found}, cache)
     return found
 
@@ -210,8 +227,25 @@ def choose_head(train: ChunkFeatures, valid: ChunkFeatures, init_w: Tensor, init
     return best
 
 
-def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig) -> dict:
-    """Refit the state head of a stage-3 result; writes `run_dir/result.pt` (stage 3)."""
+def extra_train_features(parts, turns, data_dir: Path, extra_data: tuple[Path, ...], config: HeadFitConfig,
+                         run_dir: Path, source_sha: str) -> list[ChunkFeatures]:
+    """Train-split features of further data directories (e.g. `train data --seed 1`), without the
+    turns whose text `data_dir` holds out for valid or test."""
+    if not extra_data:
+        return []
+    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
+    excluded = held_out_keys(own["train"], own["valid"] + own["test"])
+    return [cached_features(parts, turns, extra, "train", config, run_dir / f"features-extra{k}-train.pt",
+                            source_sha, excluded)
+            for k, extra in enumerate(extra_data, start=1)]
+
+
+def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig,
+                   extra_data: tuple[Path, ...] = ()) -> dict:
+    """Refit the state head of a stage-3 result; writes `run_dir/result.pt` (stage 3).
+
+    `extra_data`: more data directories whose train splits add training turns (the choice is
+    still made on `data_dir`'s valid split)."""
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
     parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0)
     if previous["stage"] != 3:
@@ -220,6 +254,8 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     run_dir.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)
     train = cached_features(parts, turns, data_dir, "train", config, run_dir / "features-train.pt", sha)
+    extra = extra_train_features(parts, turns, data_dir, tuple(extra_data), config, run_dir, sha)
+    train = concat_features([train, *extra])
     if any(e.kind in DIALOGUE_KINDS for e in read_manifest(data_dir, "valid")):
         valid = cached_features(parts, turns, data_dir, "valid", config, run_dir / "features-valid.pt", sha)
     else:
@@ -233,6 +269,7 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
         head.bias[:STATE_CLASSES] = choice.bias.to(head.bias.dtype)
     assert_frozen(causal_lm, checksum)
     summary = {"train_turns": len(train.entries), "train_chunks": int(train.labels.shape[0]),
+               "extra_train_turns": sum(len(x.entries) for x in extra),
                "valid_turns": len(valid.entries), **choice.report}
     save_result(run_dir / RESULT_NAME, 3, parts, previous["cmvn"],
                 {**previous.get("extra", {}), "state_head": summary})

@@ -33,6 +33,18 @@ def dedup_key(text: str) -> str:
     return " ".join(re.sub(r"[^a-z ]+", " ", text.lower()).split())
 
 
+def held_out_keys(train_texts: Iterable[str], held_texts: Iterable[str]) -> frozenset[str]:
+    """Dedup keys of held-out texts that the train split lacks.
+
+    Another run's train split (a second seed) may hold texts this run keeps for valid or test;
+    those must not be trained on. Texts every split shares by design (backchannels, fillers)
+    are in this run's train split too, so they stay usable; texts without letters (noise
+    events) never count as held out.
+    """
+    train = {dedup_key(t) for t in train_texts}
+    return frozenset(k for k in map(dedup_key, held_texts) if k and k not in train)
+
+
 def clean_spoken(text: str, ending: str) -> str | None:
     """One line of generated text as a speakable sentence ending in `ending`, or None.
 

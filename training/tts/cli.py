@@ -49,6 +49,9 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="continue from a tts-decoder result (run directory, result.pt or a kept artifact); "
                         "its sizes replace --rows-per-vector/--heads/--ffn/--blocks")
+    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
+                   help="more banks or data directories (e.g. `train data --seed 1`) whose train texts are "
+                        "added, less any text --data holds out for valid or test")
     p.add_argument("--pairs-from", type=Path, default=None,
                    help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
                         "refused unless they were encoded by --codec-dir's codec")
@@ -95,7 +98,8 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
-                              train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init)
+                              train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init,
+                              extra_data=tuple(args.extra_data))
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 

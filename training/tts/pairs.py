@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from assistant.segmentation import normalize_tts_text
-from training.data.texts import TextBank
+from training.data.texts import TextBank, dedup_key, held_out_keys
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,20 @@ def bank_texts(bank: TextBank, split: str) -> list[tuple[str, str]]:
         for sentence in sentences(bank.answers.get(text, "")):
             out.setdefault(sentence, "answer")
     return [(t, s) for t, s in out.items() if normalize_tts_text(t)]
+
+
+def train_texts(bank: TextBank, extra_banks: Sequence[TextBank] = ()) -> list[tuple[str, str]]:
+    """`bank`'s train texts, then the extra banks' (another seed's) train texts it lacks, less
+    every text `bank` holds out for valid or test (compared by dedup key)."""
+    own = bank_texts(bank, "train")
+    held = [t for split in ("valid", "test") for t, _ in bank_texts(bank, split)]
+    excluded = held_out_keys((t for t, _ in own), held)
+    out = dict(own)
+    for extra in extra_banks:
+        for text, source in bank_texts(extra, "train"):
+            if dedup_key(text) not in excluded:
+                out.setdefault(text, source)
+    return list(out.items())
 
 
 def read_pairs(path: Path) -> list[SpeechPair]:

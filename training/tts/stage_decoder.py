@@ -40,6 +40,7 @@ from training.tts.pairs import (
     build_pairs,
     load_bank,
     spread_texts,
+    train_texts,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class TtsDecoderConfig:
     """Validation pairs for the final held-out loss (0: none)."""
     speech_cache: Path | None = None
     """Where piper's renderings are kept (default: `<run dir>/speech`)."""
+    extra_data: tuple[Path, ...] = ()
+    """More banks (or data directories) whose train texts are added, less any text the main
+    bank holds out for valid or test."""
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
@@ -94,7 +98,9 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
     bank = load_bank(data)
     speak = speak or PiperNative(cache_dir=config.speech_cache or run_dir / "speech")
     limits = {"train": config.train_limit, "valid": config.valid_limit}
-    return {split: build_pairs(run_dir / PAIRS_NAME, spread_texts(bank_texts(bank, split), limits[split]),
+    texts = {"train": train_texts(bank, [load_bank(extra) for extra in config.extra_data]),
+             "valid": bank_texts(bank, "valid")}
+    return {split: build_pairs(run_dir / PAIRS_NAME, spread_texts(texts[split], limits[split]),
                                split, speak, codec.encode_wav, config.max_codec_tokens)
             for split in ("train", "valid") if limits[split] != 0}
 
