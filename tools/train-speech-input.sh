@@ -26,9 +26,17 @@ mkdir -p "$WORK"
 [ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$WORK/stage2" \
     --out "$WORK/stage3" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
     --checkpoint-every 100
-# The state head refitted on cached chunk features (encoder, adapter, prompts and LLM are frozen by now).
+# The state head refitted on cached chunk features (encoder, adapter, prompts and LLM are frozen by now),
+# with the train turns of a second data set (seed 1: other renderings and texts; its texts that seed 0
+# holds out are left out). HEAD_EXTRA_SEEDS= refits on seed 0's turns alone.
+EXTRA_DATA=()
+for seed in ${HEAD_EXTRA_SEEDS-1}; do
+    [ -f "$WORK/data-seed$seed/manifest.jsonl" ] || freeze-omni train data --size full --seed "$seed" \
+        --out "$WORK/data-seed$seed"
+    EXTRA_DATA+=("$WORK/data-seed$seed")
+done
 [ -f "$WORK/state-head/result.pt" ] || freeze-omni train state-head --data "$WORK/data" --init "$WORK/stage3" \
-    --out "$WORK/state-head" --threads "$THREADS"
+    --out "$WORK/state-head" --threads "$THREADS" ${EXTRA_DATA[@]+--extra-data "${EXTRA_DATA[@]}"}
 freeze-omni train export --init "$WORK/state-head" --out "$OUT"
 freeze-omni eval asr --model-dir "$OUT" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
 freeze-omni eval states --model-dir "$OUT" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
