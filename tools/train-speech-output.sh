@@ -16,6 +16,10 @@ DECODER_ARGS=()
 # the committed archive is used when present (it must come from CODEC_DIR's codec); PAIRS_FROM= speaks all.
 PAIRS_FROM=${PAIRS_FROM-training/artifacts/speech-output/pairs.jsonl.gz}
 [ -n "$PAIRS_FROM" ] && [ -f "$PAIRS_FROM" ] && DECODER_ARGS+=(--pairs-from "$PAIRS_FROM")
+# EXTRA_BANKS: further text banks whose train texts the decoder also learns (texts BANK holds out for
+# valid or test are left out); EXTRA_BANKS= uses BANK alone.
+EXTRA_BANKS=${EXTRA_BANKS-training/data/banks/full-seed1.texts.json}
+[ -n "$EXTRA_BANKS" ] && DECODER_ARGS+=(--extra-data $EXTRA_BANKS)
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
