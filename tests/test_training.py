@@ -496,7 +496,7 @@ def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: 
     # Every entry moves to train; one held-out text comes back re-cased, with other punctuation.
     moved = [replace(e, split="train") for e in own]
     recased = replace(next(e for e in moved if e.id == "u10"), id="u10b",
-                                  text=next(e.text for e in own if e.id == "u10").upper() + "?!")
+                      text=next(e.text for e in own if e.id == "u10").upper() + "?!")
     write_manifest(extra, [*moved, recased])
     config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(0.0,),
                            lbfgs_iterations=20)
