@@ -121,10 +121,9 @@ def cached_features(parts, turns, data_dir: Path, split: str, config: HeadFitCon
                     cache: Path, source_sha: str, excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
     """`extract_features`, kept in `cache` for the same source result, manifest, split, limit and
     exclusions."""
-    excluded = hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest()
+    excluded = hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest() if excluded_keys else None
     wanted = {"source_sha256": source_sha, "manifest_sha256": file_sha256(data_dir / "manifest.jsonl"),
-              "split": split, "limit": config.train_limit,
-              "excluded_sha256": excluded if excluded_keys else None}
+              "split": split, "limit": config.train_limit, "excluded_sha256": excluded}
     if cache.is_file():
         kept = torch.load(cache, map_location="cpu", weights_only=False)
         if all(kept.get(k) == v for k, v in wanted.items()):
@@ -254,7 +253,7 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     run_dir.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)
     train = cached_features(parts, turns, data_dir, "train", config, run_dir / "features-train.pt", sha)
-    extra = extra_train_features(parts, turns, data_dir, tuple(extra_data), config, run_dir, sha)
+    extra = extra_train_features(parts, turns, data_dir, extra_data, config, run_dir, sha)
     train = concat_features([train, *extra])
     if any(e.kind in DIALOGUE_KINDS for e in read_manifest(data_dir, "valid")):
         valid = cached_features(parts, turns, data_dir, "valid", config, run_dir / "features-valid.pt", sha)
