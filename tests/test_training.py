@@ -500,7 +500,8 @@ def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: 
     write_manifest(extra, [*moved, recased])
     config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(0.0,),
                            lbfgs_iterations=20)
-    alone = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "alone", config)
+    alone = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "alone",
+                           config)
     summary = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "more",
                              config, extra_data=(extra,))
     cached = torch.load(tmp_path / "more/features-extra1-train.pt", weights_only=False)["features"]

@@ -118,10 +118,12 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
 
 
 def cached_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
-                    cache: Path, source_sha: str, excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
+                    cache: Path, source_sha: str,
+                    excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
     """`extract_features`, kept in `cache` for the same source result, manifest, split, limit and
     exclusions."""
-    excluded = hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest() if excluded_keys else None
+    excluded = (hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest()
+                if excluded_keys else None)
     wanted = {"source_sha256": source_sha, "manifest_sha256": file_sha256(data_dir / "manifest.jsonl"),
               "split": split, "limit": config.train_limit, "excluded_sha256": excluded}
     if cache.is_file():
