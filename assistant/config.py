@@ -104,7 +104,8 @@ class ServerConfig:
     max_dropped_events: int = 256
     """`serve`: a client that has lost this many events is disconnected as a slow reader."""
     keepalive_timeout_s: float = 30.0
-    """`serve`: a client that sends nothing (not even `ping`) for this long is disconnected."""
+    """`serve`: a connection idle this long (nothing received, not even `ping`, nothing sent, no answer
+    in hand) is disconnected."""
     client_lead_s: float = 2.0
     """`serve`: answer audio generated ahead of a client's playback at most."""
 

@@ -3,9 +3,10 @@
 One asyncio loop owns every socket; model work runs on the `Scheduler`'s executors. Each
 connection has a bounded send queue: audio for a client that does not read fast enough is
 dropped and counted, and a client that keeps falling behind is disconnected. A client that
-breaks the protocol (bad JSON, unknown events, wrong audio format, oversized payloads), goes
-silent past the keepalive timeout or disconnects ends only its own session, with the reason
-logged and, where the socket still works, sent back in an `error` event.
+breaks the protocol (bad JSON, unknown events, wrong audio format, oversized payloads), leaves
+the connection idle (nothing received or sent, no answer in hand) past the keepalive timeout or
+disconnects ends only its own session, with the reason logged and, where the socket still works,
+sent back in an `error` event.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,7 @@ class Connection:
         self._end: tuple[str, str, str] | None = None  # (event, code, message) to send, then close
         self._pcm = bytearray()
         self.dropped = 0
+        self._last_sent_s = time.monotonic()
 
     # -- sending (any thread) ---------------------------------------------------------
     def send_threadsafe(self, kind: str, data: dict, payload: bytes = b"") -> None:
@@ -149,6 +152,7 @@ class Connection:
             while self._queue and (self._end is None or self._end[1] != "slow-reader"):
                 self.writer.write(self._queue.popleft())
                 await self.writer.drain()
+                self._last_sent_s = time.monotonic()
             if self._end is not None:
                 event, code, message = self._end
                 if code not in ("slow-reader", "disconnected"):
@@ -161,10 +165,10 @@ class Connection:
         settings = self.server.settings
         while self._end is None:
             try:
-                frame = await asyncio.wait_for(protocol.read_frame(self.reader, settings.max_payload_bytes),
-                                               settings.keepalive_timeout_s)
+                frame = await self._next_frame()
             except asyncio.TimeoutError:
-                self.end("error", "timeout", f"nothing received for {settings.keepalive_timeout_s:g} s")
+                self.end("error", "timeout", f"idle for {settings.keepalive_timeout_s:g} s "
+                         "(nothing received or sent, no answer in hand); send ping while idle")
                 return
             except ProtocolError as err:
                 self.end("error", err.code, str(err))
@@ -177,6 +181,32 @@ class Connection:
             except ProtocolError as err:
                 self.end("error", err.code, str(err))
                 return
+
+    async def _next_frame(self) -> Frame | None:
+        """The next frame, or TimeoutError once the connection has been idle for the keepalive time:
+        nothing received, nothing sent, and no work of the client's in hand. A client that waits in
+        silence for an answer is not idle, however slowly a loaded machine produces it."""
+        settings = self.server.settings
+        quiet_since_s = time.monotonic()
+        # One read for the whole wait: cancelling it between a header and its payload would lose the frame.
+        read = asyncio.ensure_future(protocol.read_frame(self.reader, settings.max_payload_bytes))
+        try:
+            while True:
+                now_s = time.monotonic()
+                if self.session is not None and self.session.working_for_client:
+                    quiet_since_s = now_s
+                quiet_since_s = max(quiet_since_s, self._last_sent_s)
+                remaining_s = quiet_since_s + settings.keepalive_timeout_s - now_s
+                if remaining_s <= 0:
+                    raise asyncio.TimeoutError
+                # Polled: the session's work state changes on executor threads, without a wake-up.
+                poll_s = min(remaining_s, settings.keepalive_timeout_s / 4)
+                done, _ = await asyncio.wait({read}, timeout=poll_s)
+                if done:
+                    return read.result()
+        finally:
+            if not read.done():
+                read.cancel()
 
     def _handle(self, frame: Frame) -> None:
         kind = frame.type

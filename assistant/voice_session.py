@@ -137,6 +137,12 @@ class VoiceSession:
         """Underruns of the current (or last) answer, as the client would have heard them."""
         return self._playback.underruns
 
+    @property
+    def working_for_client(self) -> bool:
+        """Input not yet heard, or an answer requested or under way: the client may rightly wait
+        for us in silence, so its connection is not idle (a bool read, safe from any thread)."""
+        return bool(self._inbox) or self._answer_requested or self._answering
+
     # -- client input (any thread) ------------------------------------------------------
     def push_audio(self, chunk: np.ndarray) -> None:
         """One 160 ms chunk of 16 kHz float audio."""

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from assistant.engine import Engine, EngineOptions
 from assistant.server import ServerSettings
 from assistant.wire import WireConnection
 from tests.server_harness import engine, question  # noqa: F401  (module-scoped fixtures)
@@ -82,6 +83,35 @@ def test_a_silent_client_is_dropped_after_the_keepalive_timeout_and_pings_keep_o
         pinging.send("ping")
         assert pinging.recv_until("pong", 5)[0] is not None
         assert server.stats.ended.get("timeout") == 1
+
+
+class _SlowEngine(Engine):
+    """Every text and speech step takes 50 ms, as on a loaded machine (CI, where a client waiting in
+    silence was once dropped mid-answer): a segment's speech is silent on the wire for over a second."""
+
+    def next_token(self, state):
+        time.sleep(0.05)
+        return super().next_token(state)
+
+    def speech_step(self, state):
+        time.sleep(0.05)
+        return super().speech_step(state)
+
+
+def test_a_client_waiting_in_silence_for_a_slow_answer_is_not_timed_out(engine, sock_path, question):
+    slow = _SlowEngine(engine.models, EngineOptions(max_new_tokens=12, max_speech_tokens=40))
+    keepalive_s = 0.5
+    with running_server(slow, sock_path, keepalive_timeout_s=keepalive_s) as server:
+        conn = start_session(sock_path, seed=3)
+        start = time.monotonic()
+        answer = ask(conn, question)  # sends nothing after turn-end, not even ping
+        waited_s = time.monotonic() - start
+        frame, _ = conn.recv_until("error", 5)  # then idle: now it times out
+        conn.close()
+        assert frame.data["code"] == "timeout"
+        assert _wait(lambda: server.stats.ended == {"timeout": 1}), server.stats.ended
+    assert waited_s > 4 * keepalive_s, f"the answer took only {waited_s:.2f} s: this test shows nothing"
+    assert answer.tokens and answer.codec_tokens
 
 
 def test_reconnect_after_an_abrupt_disconnect_mid_answer(engine, sock_path, question):
