@@ -336,14 +336,20 @@ class SessionServer:
         """Stop listening, tell every client, and wait (bounded) for their handlers to finish."""
         for server in self._servers:
             server.close()
-        for conn in list(self._connections):
-            conn.end("session-ended", "server-stopping", "the server is shutting down")
-        if self._handlers:
-            _, late = await asyncio.wait(set(self._handlers), timeout=timeout_s)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        # A connection accepted just before the close starts its handler (and session) a few loop
+        # iterations later: give it that time, and loop until no handler is left.
+        await asyncio.sleep(0.02)
+        while self._handlers and loop.time() < deadline_s:
+            for conn in list(self._connections):
+                conn.end("session-ended", "server-stopping", "the server is shutting down")
+            await asyncio.wait(set(self._handlers), timeout=min(0.1, deadline_s - loop.time()))
+        late = set(self._handlers)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=timeout_s)
         for server in self._servers:
             await server.wait_closed()
         self._servers = []

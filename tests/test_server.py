@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -218,3 +219,32 @@ def test_an_idle_session_is_closed_with_a_reason(engine, sock_path):
     finally:
         thread.stop()
         sched.stop()
+
+
+def test_stopping_while_clients_keep_connecting_finishes_every_connection(engine, sock_path):
+    stop_connecting = threading.Event()
+    opened = []
+
+    def connect_in_a_loop() -> None:
+        while not stop_connecting.is_set():
+            try:
+                conn = WireConnection.connect(sock_path)
+                conn.send("session-start", {"turn_end": "client"})
+                opened.append(conn)
+            except OSError:  # the server has stopped listening
+                time.sleep(0.001)
+
+    with running_server(engine, sock_path, max_sessions=64) as server:
+        threads = [threading.Thread(target=connect_in_a_loop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert _wait(lambda: len(opened) >= 30)
+    stop_connecting.set()  # only after the server stopped: connections arrive while it closes
+    for t in threads:
+        t.join()
+    for conn in opened:
+        conn.close()
+    assert not server._handlers
+    assert sum(server.stats.ended.values()) == server.stats.connections, server.stats
+    assert server.scheduler.session_count == 0
+
