@@ -103,7 +103,8 @@ def time_decoder(models: FreezeOmniModels, sizes: BenchSizes) -> tuple[float, fl
     text = torch.randn(12 * rows, idim, generator=gen).to(dev, models.dtype)
     prefix = torch.randn(12 * rows, idim, generator=gen).to(dev, models.dtype)
     backend = models.backends.decoder
-    prefill = _median_ms(lambda: backend.prefill(text, prefix, DecoderCache(max_new_tokens=sizes.speech_steps)),
+    prefill = _median_ms(lambda: backend.prefill(text, prefix,
+                                                 DecoderCache(max_new_tokens=sizes.speech_steps)),
                          dev, sizes.repeats)
 
     def ar_steps() -> None:
@@ -151,7 +152,8 @@ def time_llm(models: FreezeOmniModels, sizes: BenchSizes) -> tuple[float, float]
 def time_engine_turn(models: FreezeOmniModels, sizes: BenchSizes) -> dict[str, float]:
     """Whole-engine step costs: listen chunk (front end to state head), text token, speech token."""
     engine = Engine(models, EngineOptions(text_sampling=GREEDY, speech_top_k=1,
-                                          max_new_tokens=sizes.text_tokens, max_speech_tokens=sizes.speech_steps))
+                                          max_new_tokens=sizes.text_tokens,
+                                          max_speech_tokens=sizes.speech_steps))
     state = engine.prefill_system(engine.new_session(seed=0))
     gen = torch.Generator().manual_seed(3)
     noise = [0.05 * torch.randn(CHUNK_SAMPLES, generator=gen) for _ in range(sizes.chunks)]

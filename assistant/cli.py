@@ -49,7 +49,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-dir", type=Path, default=None)
     p.add_argument("--random-model", choices=["mid", "official"], default=None,
                    help="build (once) and measure a random-weight model of this size instead")
-    p.add_argument("--tokenizer-dir", type=Path, default=None, help="Qwen2 tokenizer files for --random-model")
+    p.add_argument("--tokenizer-dir", type=Path, default=None,
+                   help="Qwen2 tokenizer files for --random-model")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["torch", "onnx"])
     p.add_argument("--quantization", type=lambda s: s.split(","), default=["none", "int8", "nf4"])
     p.add_argument("--chunks", type=int, default=40)
@@ -88,8 +89,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     default = "" if required else " (default: the embedded small model)"
-    p.add_argument("--model-dir", type=Path, required=required, help="Freeze-Omni checkpoint directory" + default)
-    p.add_argument("--llm-dir", type=Path, required=required, help="local Hugging Face LLM directory" + default)
+    p.add_argument("--model-dir", type=Path, required=required,
+                   help="Freeze-Omni checkpoint directory" + default)
+    p.add_argument("--llm-dir", type=Path, required=required,
+                   help="local Hugging Face LLM directory" + default)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="run encoder+adapter, speech decoder and codec on torch or onnxruntime")
     p.add_argument("--onnx-dir", type=Path, default=None, help="graphs written by `freeze-omni export-onnx`")
@@ -188,8 +191,10 @@ def _print_turn(result, out_path: Path) -> None:
     per_token_ms = 1000 * t.text_s / max(1, t.text_tokens)
     print("time per stage:")
     print(f"  system prefill   {1000 * t.system_prefill_s:9.1f} ms")
-    print(f"  listening        {1000 * t.listen_s:9.1f} ms  ({t.listen_chunks} chunks, {per_chunk_ms:.1f} ms/chunk)")
-    print(f"  text generation  {1000 * t.text_s:9.1f} ms  ({t.text_tokens} tokens, {per_token_ms:.1f} ms/token)")
+    print(f"  listening        {1000 * t.listen_s:9.1f} ms  "
+          f"({t.listen_chunks} chunks, {per_chunk_ms:.1f} ms/chunk)")
+    print(f"  text generation  {1000 * t.text_s:9.1f} ms  "
+          f"({t.text_tokens} tokens, {per_token_ms:.1f} ms/token)")
     print(f"  speech synthesis {1000 * t.speech_s:9.1f} ms  ({len(result.segments)} segments)")
     if t.first_pcm_after_turn_end_s is not None:
         print(f"  turn end → first audio {1000 * t.first_pcm_after_turn_end_s:.1f} ms")
@@ -248,7 +253,8 @@ def run_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print_problems(err)
         return EXIT_BAD_INPUT
-    configure_logging(logging.DEBUG if args.debug else config.observability.log_level.upper(), under_systemd())
+    configure_logging(logging.DEBUG if args.debug else config.observability.log_level.upper(),
+                      under_systemd())
     try:
         check_devices(config.daemon_settings())
     except NoAudioDeviceError as err:

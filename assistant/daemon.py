@@ -4,7 +4,8 @@ Single-threaded and cooperative: every tick first reads the microphone and runs 
 step (real-time work first), handles decisions — a barge-in is a priority control message
 that flushes every queued audio block at once — and only then spends a bounded number of
 work units on the answer, keeping at most `playback_lead_s` of audio queued ahead of the
-speaker. Echo control runs in the audio port; the PyAudio callbacks live in `audio_io` and only copy into queues.
+speaker. Echo control runs in the audio port; the PyAudio callbacks live in `audio_io` and
+only copy into queues.
 """
 from __future__ import annotations
 
@@ -264,7 +265,8 @@ class Daemon:
         too_short = self._turn.speech_ms < self.settings.dialogue.min_barge_in_ms
         if self._turn.on_fork and (too_short or not self._barge_in_allowed(now)):
             # Residual echo comes in bursts of 20-100 ms, mostly while AEC re-adapts.
-            logger.info("interruption too short or too early (%d ms of speech): ignored", self._turn.speech_ms)
+            logger.info("interruption too short or too early (%d ms of speech): ignored",
+                        self._turn.speech_ms)
             self._ignore()
             return
         times = TurnTimes(user_end=self._turn.stopped_at or now, decision=now, barge_in=self._turn.on_fork)

@@ -109,7 +109,8 @@ def _echo_canceller(echo: EchoSettings) -> Any:
 
     if echo.aec_enabled:
         try:
-            return WebRtcEchoCanceller(warmup_ms=echo.aec_warmup_ms, near_end_margin_db=echo.near_end_margin_db)
+            return WebRtcEchoCanceller(warmup_ms=echo.aec_warmup_ms,
+                                       near_end_margin_db=echo.near_end_margin_db)
         except AecUnavailableError as err:
             logger.warning("echo cancellation unavailable (%s); falling back to half duplex", err)
     return HalfDuplexGate(tail_ms=echo.half_duplex_tail_ms)

@@ -124,7 +124,8 @@ class WebRtcEchoCanceller:
         out = np.asarray(out, dtype=np.float32).reshape(-1, self.frame_samples)  # (F, 160), frame-aligned
         out = self._pass_the_user(mic[:whole], frames, out)
         echo_may_be_heard = self._within_echo_tail(played_over)
-        return self._gate_residual(mic[:whole].reshape(-1, self.frame_samples), out, echo_may_be_heard).reshape(-1)
+        return self._gate_residual(mic[:whole].reshape(-1, self.frame_samples), out,
+                                   echo_may_be_heard).reshape(-1)
 
     def _pass_the_user(self, mic: np.ndarray, reference: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Replace AEC3's output by the raw microphone (delayed as AEC3 delays it) on frames

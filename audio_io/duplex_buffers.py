@@ -173,7 +173,8 @@ class DuplexBuffers:
             dac, now = _stamp(time_info, "output_buffer_dac_time"), _stamp(time_info, "current_time")
             latency = dac - now if dac and now else None
             self.playback.on_handed(real_bytes // self._out_frame_bytes, latency)
-            item = (data if real_bytes else None, self._out_frames, nbytes // self._out_frame_bytes, dac, xrun)
+            item = (data if real_bytes else None, self._out_frames, nbytes // self._out_frame_bytes,
+                    dac, xrun)
             self._out_frames += nbytes // self._out_frame_bytes
             self._put_dropping_oldest(self._ref_q, item, count_overrun=False)
             return data, PA_CONTINUE

@@ -137,10 +137,12 @@ class StreamAnchor:
         self._deviations.append(measured - self.offset_ticks)
         if len(self._deviations) >= MIN_DEVIATION_BLOCKS:
             drift = int(np.median(np.fromiter(self._deviations, dtype=np.int64)))
-            after_xrun = self._blocks_since_xrun is not None and self._blocks_since_xrun < DEVIATION_WINDOW_BLOCKS
+            after_xrun = (self._blocks_since_xrun is not None
+                          and self._blocks_since_xrun < DEVIATION_WINDOW_BLOCKS)
             if abs(drift) > (REANCHOR_TOLERANCE_SAMPLES if after_xrun else UNFLAGGED_GAP_SAMPLES):
                 self.offset_ticks += drift
-                self._deviations = deque((d - drift for d in self._deviations), maxlen=DEVIATION_WINDOW_BLOCKS)
+                self._deviations = deque((d - drift for d in self._deviations),
+                                         maxlen=DEVIATION_WINDOW_BLOCKS)
                 self.reanchors += 1
                 self._blocks_since_xrun = None
         if self._blocks_since_xrun is not None:

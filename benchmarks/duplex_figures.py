@@ -52,7 +52,8 @@ LATENCY_KEYS = ("decision_to_first_text_token_ms", "decision_to_first_speech_tok
 
 
 def _engine(max_new_tokens: int) -> Engine:
-    models = load_models(TINY_FIXTURE / "checkpoints", TINY_FIXTURE / "llm", torch.device("cpu"), torch.float32)
+    models = load_models(TINY_FIXTURE / "checkpoints", TINY_FIXTURE / "llm", torch.device("cpu"),
+                         torch.float32)
     return Engine(models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
                                         max_new_tokens=max_new_tokens, max_speech_tokens=120))
 
@@ -89,12 +90,15 @@ def echo_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate: in
             wait_until(lambda: run.daemon.counters.turns_answered > i, 10.0)
             _wait_quiet(run.conversation, run.audio, 1.0, 30.0)
         records = [r for r in run.daemon.turn_log if not r["barge_in"]]
-        return {"records": records, "counters": run.daemon.counters, "erle_db": canceller.echo_return_loss_enhancement_db,
-                "gated_frames": canceller.gated_frames, "played_over_frames": canceller.active_reference_frames,
+        return {"records": records, "counters": run.daemon.counters,
+                "erle_db": canceller.echo_return_loss_enhancement_db,
+                "gated_frames": canceller.gated_frames,
+                "played_over_frames": canceller.active_reference_frames,
                 "near_end_frames": canceller.near_end.near_end_frames}
 
 
-def barge_in_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate: int, cuts: int) -> list[float]:
+def barge_in_run(pulse: PulseHarness, engine: Engine, question: np.ndarray, rate: int,
+                 cuts: int) -> list[float]:
     reactions_ms = []
     # no echo path in this room: AEC3 alone would suppress the user under the answer, the
     # canceller's near-end detector lets them through
@@ -155,7 +159,8 @@ def render(echo: dict, reactions_ms: list[float], questions: int) -> str:
     return "\n".join([
         "### Full duplex on a virtual sound card (tiny fixture, CPU)", "",
         f"`python -m benchmarks.duplex_figures`; {time.strftime('%Y-%m-%d')}; the daemon's real loop "
-        f"(PortAudio, webrtcvad, AEC3) on `{torch.get_num_threads()}` CPU threads with the tiny random-weight "
+        f"(PortAudio, webrtcvad, AEC3) on `{torch.get_num_threads()}` CPU threads "
+        "with the tiny random-weight "
         "model (`turn_end: vad`, so `user end → decision` is the VAD stop itself).", "",
         f"Per-turn latency over {len(echo['records'])} answered questions (median / p90, ms):", "",
         "| stage | ms |", "|---|---|", *rows, "",
@@ -173,7 +178,8 @@ def render(echo: dict, reactions_ms: list[float], questions: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--barge-ins", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))

@@ -187,7 +187,8 @@ def test_checkpoint_with_pickled_training_objects_still_loads(tiny_dir, tmp_path
     snapshot["args"] = argparse.Namespace(lr=1e-3)
     torch.save(snapshot, path)
     args = [*FIXTURE_ARGS[:-6], "--max-new-tokens", "4", "--device", "cpu"]
-    assert _respond(tiny_dir, tiny_dir / "inputs/question.wav", tmp_path, extra=args, model_dir=model_dir) == 0
+    assert _respond(tiny_dir, tiny_dir / "inputs/question.wav", tmp_path, extra=args,
+                    model_dir=model_dir) == 0
 
 
 def test_run_without_the_audio_device_exits_with_one_line(tiny_dir, capsys):

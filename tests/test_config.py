@@ -160,7 +160,8 @@ def test_run_without_models_says_how_to_give_them(capsys, tmp_path, monkeypatch)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.setattr(embedded, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
     assert main(["run"]) == 2
-    assert "models.model_dir: not set and this install has no embedded default model" in capsys.readouterr().err
+    assert ("models.model_dir: not set and this install has no embedded default model"
+            in capsys.readouterr().err)
 
 
 # ---- show and the shipped example --------------------------------------------------------------

@@ -151,7 +151,8 @@ def test_file_turn_end_is_refused_for_live_audio():
 def test_a_blip_while_speaking_never_cuts_the_answer_in_vad_mode():
     """A 160 ms burst (residual echo, a click) followed by the VAD's hangover is shorter than
     min_barge_in_ms of *speech*: the answer plays on. A real interruption (4 chunks) cuts it."""
-    settings = dataclasses.replace(SETTINGS, dialogue=DialogueSettings(turn_end=TurnEnd.VAD, min_barge_in_ms=400))
+    settings = dataclasses.replace(SETTINGS,
+                                   dialogue=DialogueSettings(turn_end=TurnEnd.VAD, min_barge_in_ms=400))
     # the interruption comes ~1.9 s into the answer, after the AEC warm-up hold-off
     blip = speech_chunks(3) + silence_chunks(12) + speech_chunks(1) + silence_chunks(60)
     daemon, conv, audio, _ = _daemon(blip, [], settings=settings, speech_tokens=200)

@@ -58,7 +58,8 @@ def _start_daemon(engine, aec: bool):
     from audio_io.aec import WebRtcEchoCanceller
     from audio_io.duplex import DuplexStream
 
-    settings = DaemonSettings(echo=EchoSettings(aec_enabled=aec), dialogue=DialogueSettings(turn_end=TurnEnd.VAD))
+    settings = DaemonSettings(echo=EchoSettings(aec_enabled=aec),
+                              dialogue=DialogueSettings(turn_end=TurnEnd.VAD))
     audio = DuplexStream(INPUT_DEVICE, OUTPUT_DEVICE, echo_canceller=WebRtcEchoCanceller() if aec else None)
     conversation = Conversation(engine, seed=0)
     daemon = Daemon(conversation, audio, build_vad(settings), DeviceEchoPolicy(audio, aec), settings)
@@ -109,7 +110,8 @@ def test_with_aec_a_user_talking_over_the_answer_still_cuts_it(tmp_path, engine,
     from quantized_models.sampling import TextSamplingConfig
 
     # answers that outlast the 2 s question played over them (the interruption must find them playing)
-    long_answers = Engine(engine.models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0), speech_top_k=1,
+    long_answers = Engine(engine.models, EngineOptions(text_sampling=TextSamplingConfig(1.0, 1, 0.0),
+                                                speech_top_k=1,
                                                 max_new_tokens=64, max_speech_tokens=400))
     question, rate = soundfile.read(tiny_dir / "inputs/question.wav", dtype="float32")
     with PulseHarness(tmp_path / "pulse") as pulse:

@@ -14,7 +14,14 @@ import pytest
 import soundfile
 import torch
 
-from tests.pulse_harness import wait_until, INPUT_DEVICE, MONITOR_RATE_HZ, OUTPUT_DEVICE, PulseHarness, missing_requirement
+from tests.pulse_harness import (
+    wait_until,
+    INPUT_DEVICE,
+    MONITOR_RATE_HZ,
+    OUTPUT_DEVICE,
+    PulseHarness,
+    missing_requirement,
+)
 
 pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))
 

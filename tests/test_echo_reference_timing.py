@@ -34,7 +34,8 @@ def pulse_like_timestamp_error(block: int) -> float:
     return ramp + late
 
 
-def reference_lags(mic_error: Callable[[int], float] = _no_error, out_error: Callable[[int], float] = _no_error,
+def reference_lags(mic_error: Callable[[int], float] = _no_error,
+                   out_error: Callable[[int], float] = _no_error,
                    gap_block: int | None = None, gap_s: float = 0.0, flagged: bool = True,
                    blocks: int = 400) -> list[tuple[float, int]]:
     """Drive both callbacks for `blocks` blocks; the microphone loses `gap_s` of samples

@@ -76,7 +76,8 @@ def test_ignored_turn_keeps_words_and_reopens_with_chat_prefix(engine, tiny_dir)
     for chunk in chunks[:4]:
         _, state = engine.listen_chunk(state, chunk, follow_decision=True)
         lengths.append(state.llm.seq_length)
-    opening = 1 + len(engine.models.llm.layout.user_prefix_ids) + engine.models.llm.heads.prompt_embeddings.num_embeddings + 2
+    opening = (1 + len(engine.models.llm.layout.user_prefix_ids)
+               + engine.models.llm.heads.prompt_embeddings.num_embeddings + 2)
     # turn 1: chunks 0..2 (ignored at chunk 2); turn 2 opens at chunk 3 with the chat prefix again
     assert [b - a for a, b in zip([9] + lengths, lengths)] == [opening, 2, 2, opening]
     assert state.dialogue is DialogueState.LISTENING

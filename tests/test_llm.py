@@ -22,8 +22,10 @@ def tiny_llm(tiny_dir):
     dims = AudioLlmDims.from_train_yaml(cfg, "train.yaml")
     state = torch.load(tiny_dir / "checkpoints/audiollm/final.pt", map_location="cpu")
     heads = AudioLlmHeads(dims)
-    load_strict(heads, {k: v for k, v in state.items() if not k.startswith(("encoder.", "adpter."))}, "final.pt")
-    causal_lm = AutoModelForCausalLM.from_pretrained(tiny_dir / "llm", dtype=torch.float32, local_files_only=True)
+    load_strict(heads, {k: v for k, v in state.items() if not k.startswith(("encoder.", "adpter."))},
+                "final.pt")
+    causal_lm = AutoModelForCausalLM.from_pretrained(tiny_dir / "llm", dtype=torch.float32,
+                                                     local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "llm", local_files_only=True)
     layout = ChatLayout.from_template(dims.chat_template, tokenizer)
     return FrozenLlm(causal_lm.eval(), heads.eval(), layout), tokenizer
@@ -52,7 +54,8 @@ def test_listen_and_answer_match_official(tiny_dir, tiny_llm, name):
     torch.testing.assert_close(llm.embed_tokens(gen["role_token_ids"], weight), expected["pre_inputs_embeds"])
     opening = llm.user_turn_opening(adapter_out[0])
     torch.testing.assert_close(torch.cat([opening, adapter_out[0]]), expected["sl_inputs_embeds"])
-    torch.testing.assert_close(llm.embed_tokens(gen["suffix_token_ids"], weight), expected["ss_inputs_embeds"])
+    torch.testing.assert_close(llm.embed_tokens(gen["suffix_token_ids"], weight),
+                               expected["ss_inputs_embeds"])
 
     cache = LlmKvCache()
     llm.prefill_system(None, tokenizer, cache)

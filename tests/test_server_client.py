@@ -158,7 +158,8 @@ def test_a_client_refused_as_full_backs_off_and_gets_in_when_a_place_frees(engin
             assert _wait(lambda: len(sleeps) >= 3), "refused, and retrying with backoff"
             assert client.counters.refused_full >= 3
             occupant.close()
-            assert _wait(lambda: server.stats.sessions_started == 2 and server.scheduler.session_count == 1), \
+            assert _wait(lambda: (server.stats.sessions_started == 2
+                                  and server.scheduler.session_count == 1)), \
                 "the client got the freed place"
             audio.arm()
             assert _wait(lambda: answers), "and is answered"

@@ -170,7 +170,8 @@ def test_frozen_check_covers_the_two_convolution_adapter() -> None:
     `num_batches_tracked` buffers are 0-d integers; stage 3 checksums that adapter."""
     from quantized_models.adapter import Adapter, AdapterDims
 
-    adapter = Adapter(AdapterDims(enc_out_dim=8, llm_embed_dim=64, kernel_size=5, activation="relu", norm="layer"))
+    adapter = Adapter(AdapterDims(enc_out_dim=8, llm_embed_dim=64, kernel_size=5, activation="relu",
+                                  norm="layer"))
     assert adapter.dims.two_convs
     checksum = assert_frozen(freeze(adapter))
     adapter.bn1.running_mean += 1.0
@@ -353,7 +354,8 @@ def test_dialogue_agreement_compares_first_sentences_and_content_words() -> None
     from training.eval_dialogue import AnswerPair, first_sentence
 
     assert first_sentence("Paris is the capital. It is big.") == "Paris is the capital."
-    same = AnswerPair("q", spoken="Paris is the capital of France. More text", typed="paris is the capital of france!")
+    same = AnswerPair("q", spoken="Paris is the capital of France. More text",
+                      typed="paris is the capital of france!")
     assert same.agrees and same.keywords_agree
     close = AnswerPair("q", spoken="The capital of France is Paris.", typed="Paris is the capital of France.")
     assert not close.agrees and close.keywords_agree

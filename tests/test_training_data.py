@@ -234,7 +234,8 @@ def test_render_all_in_worker_processes_writes_the_same_wavs(tmp_path):
     one, _ = render_all(tmp_path / "one", specs, Speakers())
     two, reused = render_all(tmp_path / "two", specs, Speakers(), workers=2)
     assert reused == 0 and two == one
-    assert all((tmp_path / "two" / e.wav).read_bytes() == (tmp_path / "one" / e.wav).read_bytes() for e in one)
+    assert all((tmp_path / "two" / e.wav).read_bytes() == (tmp_path / "one" / e.wav).read_bytes()
+               for e in one)
     again, reused = render_all(tmp_path / "two", specs, Speakers(), workers=2)
     assert reused == len(specs) and again == one
 
@@ -249,7 +250,8 @@ def test_a_bundled_bank_replaces_the_llm_run_on_another_machine(tmp_path, monkey
     for folder in ("banks", "out", "out2"):
         (tmp_path / folder).mkdir()
     settings = {"seed": 5, "size": "small", "texts": dataclasses.asdict(size.texts),
-                "llm_dir": "/home/someone/.cache/x/smollm2-135m-instruct-hf", "answer_max_tokens": size.answer_max_tokens}
+                "llm_dir": "/home/someone/.cache/x/smollm2-135m-instruct-hf",
+                "answer_max_tokens": size.answer_max_tokens}
     bundled = TextBank(statements={"train": ["A bundled statement."]}, questions={"train": ["Why?"]},
                        nonqueries={}, answers={"Why?": "Because."}, settings=settings)
     bundled.save(synth.bundled_bank(size, 5))

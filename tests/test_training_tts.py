@@ -280,7 +280,8 @@ def test_a_kept_decoder_artifact_continues_training(chain: dict, tmp_path: Path)
     kept = load_decoder_result(artifact)
     assert all(v.dtype == torch.float16 for v in kept["state"].values() if v.is_floating_point())
     config = replace(_decoder_config(steps=2), init=artifact)
-    train_tts_decoder(chain["data"], FakeCodec(), chain["llm_dir"], tmp_path / "more", config, speak=fake_speak)
+    train_tts_decoder(chain["data"], FakeCodec(), chain["llm_dir"], tmp_path / "more", config,
+                      speak=fake_speak)
     fresh_first = _column(chain["root"] / "dec", "loss")[0]
     continued_first = _column(tmp_path / "more", "loss")[0]
     assert continued_first < 0.8 * fresh_first, (continued_first, fresh_first)
@@ -309,7 +310,8 @@ def _kept_pairs_archive(tmp_path: Path, codec_dir: Path) -> tuple[Path, list]:
 
     texts = [("Hello there.", "statement"), ("I like tea.", "statement")]
     run = tmp_path / "run1"
-    made = build_pairs(run / "pairs.jsonl", texts, "train", fake_speak, FakeCodec().encode_wav, max_tokens=100)
+    made = build_pairs(run / "pairs.jsonl", texts, "train", fake_speak, FakeCodec().encode_wav,
+                       max_tokens=100)
     archive = tmp_path / "pairs.jsonl.gz"
     subprocess.run([sys.executable, "tools/keep-pairs.py", str(run), str(codec_dir), str(archive)],
                    check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)

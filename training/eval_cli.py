@@ -22,7 +22,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p = kinds.add_parser(name, help=text)
         _add_model_args(p)
         p.add_argument("--data", type=Path, required=True, help="data directory with manifest.jsonl")
-        p.add_argument("--limit", type=int, default=None, help="evaluate only N utterances, evenly spread over the test split")
+        p.add_argument("--limit", type=int, default=None,
+                       help="evaluate only N utterances, evenly spread over the test split")
         p.add_argument("--json", action="store_true", help="print one JSON object")
     add_tts_eval_parser(kinds)
     add_codec_eval_parser(kinds)

