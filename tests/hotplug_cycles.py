@@ -32,12 +32,13 @@ BACK_WITHIN_S = 2.0
 
 
 def settled_size() -> dict[str, int]:
-    """Threads, open file descriptors and resident kB once freed heap went back to the OS."""
+    """Threads, open file descriptors, live Python objects and resident kB once freed heap went
+    back to the OS."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     status = Path("/proc/self/status").read_text()
     return {"threads": len(os.listdir("/proc/self/task")), "fds": len(os.listdir("/proc/self/fd")),
-            "rss_kb": int(status.split("VmRSS:")[1].split()[0])}
+            "objects": len(gc.get_objects()), "rss_kb": int(status.split("VmRSS:")[1].split()[0])}
 
 
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.01) -> float:
