@@ -88,7 +88,8 @@ def test_a_silent_client_is_dropped_after_the_keepalive_timeout_and_pings_keep_o
 
 class _SlowEngine(Engine):
     """Every text and speech step takes 50 ms, as on a loaded machine (CI, where a client waiting in
-    silence was once dropped mid-answer): a segment's speech is silent on the wire for over a second."""
+    silence was once dropped mid-answer): a segment's speech is silent on the wire for longer than
+    the keepalive."""
 
     def next_token(self, state):
         time.sleep(0.05)
