@@ -22,6 +22,11 @@ from assistant.session import SessionState
 
 logger = logging.getLogger(__name__)
 
+MODEL_CHUNK_S = 0.16
+"""Audio per listened chunk (the engine's 160 ms step)."""
+ANSWER_FRAME_POSITIONS = 16
+"""Chat-template positions around an answer (assistant suffix, end of turn), with room to spare."""
+
 
 @dataclass
 class AnswerWork:
@@ -48,6 +53,7 @@ class ConversationLike(Protocol):
     def drop_barge_in(self) -> None: ...
     def cut_answer(self, played_samples: int) -> None: ...
     def reset(self) -> None: ...
+    def context_nearly_full(self, answer_tokens: int) -> bool: ...
 
 
 class Conversation:
@@ -59,6 +65,10 @@ class Conversation:
         self.state = self._fresh()
         self.fork: SessionState | None = None
         self._segments: deque[Segment] = deque()
+        self._positions_per_chunk = 1
+        """Most LLM positions one listened chunk took so far, a turn's first chunk left out."""
+        self._first_chunk_positions = 1
+        """Most positions a turn's first chunk took (it adds the user turn's opening)."""
 
     def _fresh(self) -> SessionState:
         return self.engine.prefill_system(self.engine.new_session(self._seed), self._role)
@@ -68,10 +78,29 @@ class Conversation:
         self.state, self.fork = self._fresh(), None
         self._segments.clear()
 
+    def context_nearly_full(self, answer_tokens: int) -> bool:
+        """Would the longest user turn and an answer of `answer_tokens` overflow the LLM's context?
+
+        The daemon asks before a turn opens, so a long dialogue starts afresh between turns instead
+        of failing in the middle of one when the LLM's context window is full. The longest turn is
+        the engine's `max_user_turn_chunks` (it answers then), at the most positions a chunk took.
+        """
+        chunks = self.engine.options.max_user_turn_chunks
+        needed = self._first_chunk_positions + (chunks - 1) * self._positions_per_chunk
+        needed += answer_tokens + ANSWER_FRAME_POSITIONS
+        left = self.engine.models.llm.max_context_tokens - self.state.llm.seq_length
+        return needed > left
+
     # -- listening ----------------------------------------------------------------
     def listen(self, chunk: np.ndarray, follow_decision: bool) -> Decision:
         self.state = barge_in.flush_pending_turns(self.engine, self.state)
+        before, first_of_turn = self.state.llm.seq_length, self.state.turn_chunks == 0
         result, self.state = self.engine.listen_chunk(self.state, torch.from_numpy(chunk), follow_decision)
+        grew = self.state.llm.seq_length - before
+        if first_of_turn:
+            self._first_chunk_positions = max(self._first_chunk_positions, grew)
+        else:
+            self._positions_per_chunk = max(self._positions_per_chunk, grew)
         return result.decision
 
     def close_ignored_turn(self) -> None:

@@ -19,14 +19,16 @@ from typing import Protocol
 
 import numpy as np
 
-from assistant.conversation import ConversationLike
+from assistant.conversation import MODEL_CHUNK_S, ConversationLike
 from assistant.daemon_config import DaemonSettings, TurnEnd
 from assistant.dialogue import Decision
+from quantized_models.llm import ContextFullError
 
 logger = logging.getLogger(__name__)
 
-MODEL_CHUNK_S = 0.16
 OUTPUT_RATE_HZ = 24_000
+TURN_LOG_KEEP = 1000
+"""Latest turn records kept in memory (an always-on daemon must not grow without bound)."""
 
 
 class AudioPort(Protocol):
@@ -158,7 +160,9 @@ class Daemon:
         self._audio_was_healthy = True
         self._playback_started_at: float | None = None
         self._last_playing_at: float | None = None
-        self.turn_log: list[dict] = []
+        self.turn_log: deque[dict] = deque(maxlen=TURN_LOG_KEEP)
+        self.turns_logged = 0
+        """Turn records ever appended (`turn_log` keeps only the latest)."""
 
     # -- main loop ------------------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -166,6 +170,9 @@ class Daemon:
         while not should_stop():
             try:
                 self.tick()
+            except ContextFullError as error:
+                logger.warning("the LLM's context window is full (%s): starting a fresh dialogue", error)
+                self._recover()
             except Exception:  # noqa: BLE001 - an always-on daemon must outlive one bad turn
                 logger.exception("dialogue step failed; starting a fresh dialogue")
                 self._recover()
@@ -222,6 +229,9 @@ class Daemon:
 
     def _open_turn(self, on_fork: bool) -> None:
         logger.info("user speech started%s", " while the assistant speaks" if on_fork else "")
+        if not on_fork and self.conv.context_nearly_full(self.settings.dialogue.max_answer_tokens):
+            logger.info("the dialogue nearly fills the LLM's context window: starting a fresh dialogue")
+            self.conv.reset()
         self._turn = _Turn(on_fork=on_fork)
         if on_fork:
             self.counters.interruptions_heard += 1
@@ -361,6 +371,7 @@ class Daemon:
             return
         record = {"barge_in": times.barge_in, **times.latencies_ms()}
         self.turn_log.append(record)
+        self.turns_logged += 1
         logger.info("turn latencies: %s", record)
         if self.settings.events_path:
             with open(self.settings.events_path, "a", encoding="utf-8") as fh:

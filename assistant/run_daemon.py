@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from assistant.config import AssistantConfig, ConfigError, LoadedConfig, Problem, Setting, load_config, \
     parse_assignments
-from assistant.conversation import Conversation
+from assistant.conversation import MODEL_CHUNK_S, Conversation
 from assistant.daemon import Daemon
 from assistant.daemon_config import DaemonSettings, EchoSettings, TurnEnd
 from assistant.dialogue import DecisionThresholds
@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 EXIT_NO_AUDIO_DEVICE = 69  # EX_UNAVAILABLE: a service it needs is not there
 MODEL_INPUT_RATE_HZ = 16_000
-MODEL_CHUNK_S = 0.16  # one listen step
 
 
 class DeviceEchoPolicy:

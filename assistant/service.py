@@ -74,7 +74,7 @@ class ServiceLoop:
         if self._reload_requested:
             self._reload_requested = False
             self._reload()
-        self.telemetry.collect_turn_records(self.daemon.turn_log)
+        self.telemetry.collect_turn_records(self.daemon.turn_log, self.daemon.turns_logged)
         audio_ok = self.audio.healthy
         self.telemetry.flush_if_idle(not self._busy())
         loop_ok = self._loop_healthy(now)

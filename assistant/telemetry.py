@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -80,13 +80,17 @@ class Telemetry:
         self.step_time.observe(seconds, name)
 
     # -- daemon reports ----------------------------------------------------------------
-    def collect_turn_records(self, turn_log: list[dict]) -> None:
-        """Observe the daemon's turn records that are new since the last call (loop thread)."""
-        for record in turn_log[self._records_seen:]:
+    def collect_turn_records(self, turn_log: Sequence[dict], turns_logged: int) -> None:
+        """Observe the daemon's turn records that are new since the last call (loop thread).
+
+        `turn_log` keeps only the latest records; `turns_logged` counts every one ever appended.
+        """
+        new = min(turns_logged - self._records_seen, len(turn_log))
+        for record in list(turn_log)[len(turn_log) - new:] if new > 0 else []:
             for key, value in record.items():
                 if key.endswith("_ms") and value is not None:
                     self.turn_latency.observe(value / 1000.0, key.removesuffix("_ms"))
-        self._records_seen = len(turn_log)
+        self._records_seen = turns_logged
 
     def flush_if_idle(self, idle: bool) -> None:
         """Write the debug recordings once nothing is heard or played for a second."""

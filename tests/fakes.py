@@ -7,6 +7,7 @@ import numpy as np
 
 from assistant.conversation import AnswerWork
 from assistant.dialogue import Decision
+from quantized_models.llm import ContextFullError
 
 CHUNK_SAMPLES = 2560
 OUTPUT_RATE_HZ = 24_000
@@ -135,7 +136,12 @@ class ScriptedConversation:
     turn: int = 0
     followed: int = 0
     fed: list[int] = field(default_factory=list)
+    nearly_full: bool = False
+    """What `context_nearly_full` answers."""
+    overflow_on_listen: int | None = None
+    """The n-th `listen` call (0-based) raises `ContextFullError`, as a full LLM would."""
     _answer_left: list[str] = field(default_factory=list)
+    _listens: int = 0
 
     def _step_turn(self, follow: bool) -> Decision:
         if self.turn >= len(self.script):
@@ -150,8 +156,14 @@ class ScriptedConversation:
         return Decision.CONTINUE
 
     def listen(self, chunk, follow_decision: bool) -> Decision:
+        self._listens += 1
+        if self._listens - 1 == self.overflow_on_listen:
+            raise ContextFullError("dialogue needs 8193 positions but the LLM holds 8192")
         self.calls.append(("listen", follow_decision))
         return self._step_turn(follow_decision)
+
+    def context_nearly_full(self, answer_tokens: int) -> bool:
+        return self.nearly_full
 
     def close_ignored_turn(self) -> None:
         self.calls.append(("close_ignored_turn",))
