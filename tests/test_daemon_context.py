@@ -13,9 +13,9 @@ from assistant.daemon import TURN_LOG_KEEP, Daemon, TurnTimes
 from assistant.daemon_config import DaemonSettings, DialogueSettings, TurnEnd, VadSettings
 from assistant.dialogue import Decision
 from assistant.engine import Engine, EngineOptions
+from assistant.observability import Metrics
 from assistant.respond import split_chunks
 from assistant.scheduler import Scheduler, SchedulerSettings
-from assistant.observability import Metrics
 from assistant.telemetry import Telemetry
 from assistant.voice_session import TurnEndMode, VoiceSession, VoiceSessionSettings
 from quantized_models.model_dir import load_models
