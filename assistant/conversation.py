@@ -22,8 +22,6 @@ from assistant.session import SessionState
 
 logger = logging.getLogger(__name__)
 
-MODEL_CHUNK_S = 0.16
-"""Audio per listened chunk (the engine's 160 ms step)."""
 ANSWER_FRAME_POSITIONS = 16
 """Chat-template positions around an answer (assistant suffix, end of turn), with room to spare."""
 

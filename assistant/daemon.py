@@ -19,13 +19,14 @@ from typing import Protocol
 
 import numpy as np
 
-from assistant.conversation import MODEL_CHUNK_S, ConversationLike
+from assistant.conversation import ConversationLike
 from assistant.daemon_config import DaemonSettings, TurnEnd
 from assistant.dialogue import Decision
 from quantized_models.llm import ContextFullError
 
 logger = logging.getLogger(__name__)
 
+MODEL_CHUNK_S = 0.16
 OUTPUT_RATE_HZ = 24_000
 TURN_LOG_KEEP = 1000
 """Latest turn records kept in memory (an always-on daemon must not grow without bound)."""

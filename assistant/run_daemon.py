@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from assistant.config import AssistantConfig, ConfigError, LoadedConfig, Problem, Setting, load_config, \
     parse_assignments
-from assistant.conversation import MODEL_CHUNK_S, Conversation
-from assistant.daemon import Daemon
+from assistant.conversation import Conversation
+from assistant.daemon import MODEL_CHUNK_S, Daemon
 from assistant.daemon_config import DaemonSettings, EchoSettings, TurnEnd
 from assistant.dialogue import DecisionThresholds
 from assistant.engine import Engine, EngineOptions, SpeechEmission

@@ -7,6 +7,7 @@ records into Prometheus metrics (`assistant.observability`) and debug recordings
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import secrets
 import time
@@ -86,11 +87,13 @@ class Telemetry:
         `turn_log` keeps only the latest records; `turns_logged` counts every one ever appended.
         """
         new = min(turns_logged - self._records_seen, len(turn_log))
-        for record in list(turn_log)[len(turn_log) - new:] if new > 0 else []:
+        self._records_seen = turns_logged
+        if new <= 0:  # the usual case: called on every daemon tick
+            return
+        for record in itertools.islice(reversed(turn_log), new):  # newest first: no walk over the rest
             for key, value in record.items():
                 if key.endswith("_ms") and value is not None:
                     self.turn_latency.observe(value / 1000.0, key.removesuffix("_ms"))
-        self._records_seen = turns_logged
 
     def flush_if_idle(self, idle: bool) -> None:
         """Write the debug recordings once nothing is heard or played for a second."""
