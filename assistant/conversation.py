@@ -51,7 +51,6 @@ class ConversationLike(Protocol):
     def drop_barge_in(self) -> None: ...
     def cut_answer(self, played_samples: int) -> None: ...
     def reset(self) -> None: ...
-    def context_nearly_full(self, answer_tokens: int) -> bool: ...
 
 
 class Conversation:
@@ -76,21 +75,30 @@ class Conversation:
         self.state, self.fork = self._fresh(), None
         self._segments.clear()
 
-    def context_nearly_full(self, answer_tokens: int) -> bool:
-        """Would the longest user turn and an answer of `answer_tokens` overflow the LLM's context?
+    def context_nearly_full(self) -> bool:
+        """Would the longest user turn and the longest answer overflow the LLM's context?
 
-        The daemon asks before a turn opens, so a long dialogue starts afresh between turns instead
-        of failing in the middle of one when the LLM's context window is full. The longest turn is
-        the engine's `max_user_turn_chunks` (it answers then), at the most positions a chunk took.
+        Asked when a user turn opens, so a long dialogue starts afresh between turns instead of
+        failing in the middle of one when the LLM's context window is full. The longest turn is
+        the engine's `max_user_turn_chunks` (it answers then), at the most positions a chunk took;
+        the longest answer is `max_new_tokens`.
         """
-        chunks = self.engine.options.max_user_turn_chunks
-        needed = self._first_chunk_positions + (chunks - 1) * self._positions_per_chunk
-        needed += answer_tokens + ANSWER_FRAME_POSITIONS
+        options = self.engine.options
+        needed = self._first_chunk_positions + (options.max_user_turn_chunks - 1) * self._positions_per_chunk
+        needed += options.max_new_tokens + ANSWER_FRAME_POSITIONS
         left = self.engine.models.llm.max_context_tokens - self.state.llm.seq_length
         return needed > left
 
     # -- listening ----------------------------------------------------------------
     def listen(self, chunk: np.ndarray, follow_decision: bool) -> Decision:
+        """One chunk of the main user turn; a turn opening on a nearly full context starts afresh.
+
+        Only here: an interruption (`barge_in_listen`) is never cut off from the answer it
+        interrupts.
+        """
+        if self.state.turn_chunks == 0 and self.context_nearly_full():
+            logger.info("the dialogue nearly fills the LLM's context window: starting a fresh dialogue")
+            self.reset()
         self.state = barge_in.flush_pending_turns(self.engine, self.state)
         before, first_of_turn = self.state.llm.seq_length, self.state.turn_chunks == 0
         result, self.state = self.engine.listen_chunk(self.state, torch.from_numpy(chunk), follow_decision)

@@ -230,9 +230,6 @@ class Daemon:
 
     def _open_turn(self, on_fork: bool) -> None:
         logger.info("user speech started%s", " while the assistant speaks" if on_fork else "")
-        if not on_fork and self.conv.context_nearly_full(self.settings.dialogue.max_answer_tokens):
-            logger.info("the dialogue nearly fills the LLM's context window: starting a fresh dialogue")
-            self.conv.reset()
         self._turn = _Turn(on_fork=on_fork)
         if on_fork:
             self.counters.interruptions_heard += 1

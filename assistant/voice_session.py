@@ -237,11 +237,6 @@ class VoiceSession:
                 self.conv.drop_barge_in()
                 self._forked = False
             return
-        if self.conv.state.turn_chunks == 0 and self.conv.context_nearly_full(
-                self.conv.engine.options.max_new_tokens):
-            logger.info("session %s: the dialogue nearly fills the LLM's context window: starting afresh",
-                        self.session_id)
-            self.conv.reset()
         decision = self.conv.listen(item, follow)
         if follow and decision is Decision.RESPOND:
             self._end_user_turn("model")

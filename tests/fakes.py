@@ -136,8 +136,6 @@ class ScriptedConversation:
     turn: int = 0
     followed: int = 0
     fed: list[int] = field(default_factory=list)
-    nearly_full: bool = False
-    """What `context_nearly_full` answers."""
     overflow_on_listen: int | None = None
     """The n-th `listen` call (0-based) raises `ContextFullError`, as a full LLM would."""
     _answer_left: list[str] = field(default_factory=list)
@@ -161,9 +159,6 @@ class ScriptedConversation:
             raise ContextFullError("dialogue needs 8193 positions but the LLM holds 8192")
         self.calls.append(("listen", follow_decision))
         return self._step_turn(follow_decision)
-
-    def context_nearly_full(self, answer_tokens: int) -> bool:
-        return self.nearly_full
 
     def close_ignored_turn(self) -> None:
         self.calls.append(("close_ignored_turn",))

@@ -38,31 +38,6 @@ def _daemon(mic, conv, settings=SETTINGS):
     return Daemon(conv, FakeDuplex(clock, mic), LevelGate(), BargeInAllowed(), settings, clock)
 
 
-def test_a_turn_opening_on_a_nearly_full_context_starts_a_fresh_dialogue_first(caplog):
-    caplog.set_level(logging.INFO)
-    conv = ScriptedConversation(script=[(Decision.RESPOND, 2)], speech_tokens=10, nearly_full=True)
-    daemon = _daemon(speech_chunks(3) + silence_chunks(20), conv)
-    for _ in range(23):
-        daemon.tick()
-    names = conv.names()
-    assert names[0] == "reset" and names[1] == "listen", "forgotten before the turn's first chunk"
-    assert names.count("reset") == 1 and names.count("start_answer") == 1
-    assert "nearly fills the LLM's context window" in caplog.text
-
-
-def test_an_interruption_is_never_cut_off_from_the_answer_it_interrupts():
-    # Barging in forks the answer's context: forgetting it there would lose what the user reacts to.
-    conv = ScriptedConversation(script=[(Decision.RESPOND, 2), (Decision.RESPOND, 3)], speech_tokens=400)
-    daemon = _daemon(speech_chunks(3) + silence_chunks(6) + speech_chunks(4) + silence_chunks(30), conv)
-    for _ in range(10):
-        daemon.tick()
-    conv.nearly_full = True  # only the interruption's turn opens on a nearly full context
-    for _ in range(33):
-        daemon.tick()
-    assert "commit_barge_in" in conv.names()
-    assert "reset" not in conv.names()
-
-
 def test_a_full_context_mid_turn_is_reported_as_such_and_the_next_turn_is_answered(caplog):
     mic = speech_chunks(3) + silence_chunks(6) + speech_chunks(3) + silence_chunks(40)
     # The first utterance overflows on its second chunk, before any decision: the scripted decision
@@ -133,7 +108,7 @@ def test_a_long_dialogue_on_a_small_window_starts_afresh_between_turns_and_never
     # Room for the reserve plus a little over two turns: six turns cannot fit without starting afresh.
     engine.models.llm.max_context_tokens = fresh + reserve + 2 * per_turn + per_turn // 2
     if not checked:  # the same dialogue without the check: shows the window is small enough
-        conv.context_nearly_full = lambda answer_tokens: False
+        conv.context_nearly_full = lambda: False
     mic = []
     for _ in range(6):
         mic += silence_chunks(2) + question + silence_chunks(40)
@@ -183,3 +158,43 @@ def test_a_network_session_starts_afresh_between_turns_instead_of_failing(small_
         assert session.closed_reason is None, f"turn {turn}: {session.closed_reason}"
         assert events.count("answer-done") == turn + 1
     assert sched.stats.failures == 0
+
+
+def test_a_turn_opening_on_a_nearly_full_context_starts_a_fresh_dialogue_first(small_window_engine, tiny_dir,
+                                                                                caplog):
+    caplog.set_level(logging.INFO)
+    engine = small_window_engine
+    question = _question(tiny_dir)[:4]
+    conv = Conversation(engine, seed=0)
+    fresh = conv.state.llm.seq_length
+    for chunk in question:
+        conv.listen(chunk, follow_decision=False)
+    conv.close_ignored_turn()
+    assert not conv.context_nearly_full()
+    engine.models.llm.max_context_tokens = conv.state.llm.seq_length + 30  # the next turn would not fit
+    assert conv.context_nearly_full()
+    conv.listen(question[0], follow_decision=False)
+    assert conv.state.llm.seq_length == fresh + conv._first_chunk_positions, "forgotten before the chunk"
+    assert "nearly fills the LLM's context window" in caplog.text
+    before = conv.state.llm.seq_length
+    conv.listen(question[1], follow_decision=False)  # within the turn: never forgotten
+    assert conv.state.llm.seq_length > before
+
+
+def test_an_interruption_is_never_cut_off_from_the_answer_it_interrupts(small_window_engine, tiny_dir):
+    # Barging in forks the answer's context: forgetting it there would lose what the user reacts to.
+    engine = small_window_engine
+    question = _question(tiny_dir)
+    conv = Conversation(engine, seed=0)
+    for chunk in question:
+        conv.listen(chunk, follow_decision=False)
+    conv.start_answer()
+    for _ in range(3):
+        conv.answer_step()
+    engine.models.llm.max_context_tokens = conv.state.llm.seq_length + 60  # room for a short one
+    assert conv.context_nearly_full()
+    conv.begin_barge_in()
+    for chunk in question[:3]:
+        conv.barge_in_listen(chunk, follow_decision=False)
+    assert conv.fork is not None and conv.fork.llm.seq_length > conv.state.llm.seq_length, \
+        "the interruption listens on top of the answer's context"

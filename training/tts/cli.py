@@ -35,6 +35,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--max-codec-tokens", type=int, default=400, help="leave out longer segments")
     p.add_argument("--speech-cache", type=Path, default=None,
                    help="folder of piper renderings, shared between runs (default: OUT/speech)")
+    p.add_argument("--pairs-from", type=Path, default=None,
+                   help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
+                        "refused unless they were encoded by --codec-dir's codec")
     add_compute_args(p)
 
 
@@ -52,9 +55,6 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-data", type=Path, nargs="+", default=(),
                    help="more banks or data directories (e.g. `train data --seed 1`) whose train texts are "
                         "added, less any text --data holds out for valid or test")
-    p.add_argument("--pairs-from", type=Path, default=None,
-                   help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
-                        "refused unless they were encoded by --codec-dir's codec")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -85,16 +85,20 @@ def _setup(args: argparse.Namespace):
     return load_codec_encoder(args.codec_dir), llm_dir
 
 
-def run_tts_decoder(args: argparse.Namespace) -> int:
-    from training.tts.decoder_model import DecoderGeometry
-    from training.tts.stage_decoder import TtsDecoderConfig, train_tts_decoder
-
-    codec, llm_dir = _setup(args)
+def _seed_kept_pairs(args: argparse.Namespace, pairs_name: str) -> None:
+    """Start the run's pairs file `pairs_name` with `--pairs-from`'s pairs, if given."""
     if args.pairs_from is not None:
         from training.tts.kept_pairs import codec_fingerprint, seed_pairs
-        from training.tts.stage_decoder import PAIRS_NAME
 
-        seed_pairs(args.out / PAIRS_NAME, args.pairs_from, codec_fingerprint(args.codec_dir))
+        seed_pairs(args.out / pairs_name, args.pairs_from, codec_fingerprint(args.codec_dir))
+
+
+def run_tts_decoder(args: argparse.Namespace) -> int:
+    from training.tts.decoder_model import DecoderGeometry
+    from training.tts.stage_decoder import PAIRS_NAME, TtsDecoderConfig, train_tts_decoder
+
+    codec, llm_dir = _setup(args)
+    _seed_kept_pairs(args, PAIRS_NAME)
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
@@ -105,9 +109,10 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
 
 
 def run_tts_prefix(args: argparse.Namespace) -> int:
-    from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
+    from training.tts.stage_prefix import PAIRS_NAME, TtsPrefixConfig, train_tts_prefix
 
     codec, llm_dir = _setup(args)
+    _seed_kept_pairs(args, PAIRS_NAME)
     config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch,
                              max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache)
