@@ -17,11 +17,12 @@ from assistant.cli import main
 from training.data.augment import speech_rms
 from training.data.config import FULL, SAMPLE_RATE_HZ, TextCounts
 from training.data.llm_texts import first_sentences
-from training.data.manifest import MANIFEST_NAME, ManifestEntry, read_manifest
+from training.data.manifest import MANIFEST_NAME, ManifestEntry, read_manifest, write_manifest
 from training.data.plan import Planner
 from training.data.speech import Speakers, espeak_available, piper_available
 from training.data.synthesize import render_all, synthesize
 from training.data.texts import build_text_bank, clean_spoken
+from training.features import load_train_utterances
 from training.data.voices import (
     HELD_OUT_LANGUAGE_VOICES,
     HELD_OUT_VARIANTS,
@@ -261,3 +262,20 @@ def test_a_bundled_bank_replaces_the_llm_run_on_another_machine(tmp_path, monkey
     assert (tmp_path / "out" / synth.TEXTS_NAME).is_file()  # a resumed run finds it in its own folder
     with pytest.raises(Exception):  # another seed is not the bundled bank's: the LLM is needed
         synth.make_text_bank(tmp_path / "out2", size, 6, Path("/nowhere/smollm2-135m-instruct-hf"))
+
+
+def test_extra_data_adds_train_utterances_but_never_a_held_out_text(tmp_path):
+    from tests.test_training import write_tiny_data
+
+    own = write_tiny_data(tmp_path / "seed0")
+    extra = write_tiny_data(tmp_path / "seed1")
+    held_out = read_manifest(own, "test")[0].text
+    entries = read_manifest(extra, "train") + read_manifest(extra, "test")
+    entries[0] = replace(entries[0], text=held_out)  # another seed drew a text this one holds out
+    write_manifest(extra, entries)
+    kinds = ("statement", "question", "nonquery")
+    alone = load_train_utterances(own, kinds)
+    both = load_train_utterances(own, kinds, extra_data=(extra,))
+    assert len(alone) == len(read_manifest(own, "train"))
+    assert len(both) == 2 * len(alone) - 1
+    assert held_out not in {u.entry.text for u in both}

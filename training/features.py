@@ -27,7 +27,7 @@ from quantized_models.frontend import (
     kaldi_fbank,
 )
 from training.data.manifest import ManifestEntry, read_manifest
-from training.data.texts import dedup_key
+from training.data.texts import dedup_key, held_out_keys
 
 N_MELS = 80  # the released front end's mel bins (train.yaml input_dim)
 
@@ -115,6 +115,24 @@ def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
         entries = entries[:limit]
     return [Utterance(e, utterance_chunks(with_tail(load_wav(data_dir / e.wav), tail_chunks)))
             for e in entries]
+
+
+def held_out_texts(data_dir: Path) -> frozenset[str]:
+    """Dedup keys of the texts `data_dir` keeps for valid or test (and not for train): another
+    data directory's train split must not bring them into training."""
+    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
+    return held_out_keys(own["train"], own["valid"] + own["test"])
+
+
+def load_train_utterances(data_dir: Path, kinds: tuple[str, ...], extra_data: tuple[Path, ...] = (),
+                          limit: int | None = None) -> list[Utterance]:
+    """`data_dir`'s train split (first `limit`), then the train splits of `extra_data` (other seeds
+    of `train data`: new texts, voices and noise) less every text `data_dir` holds out."""
+    utts = load_utterances(data_dir, "train", kinds, limit)
+    excluded = held_out_texts(data_dir) if extra_data else frozenset()
+    for extra in extra_data:
+        utts += load_utterances(extra, "train", kinds, excluded_keys=excluded)
+    return utts
 
 
 def cmvn_stats(utterances: list[Utterance]) -> dict[str, list[float] | float]:

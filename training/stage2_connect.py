@@ -17,7 +17,7 @@ from torch import Tensor
 
 from quantized_models.llm import ChatLayout
 from training.common import RESULT_NAME, LoopConfig, batch_rng, train_loop
-from training.features import Utterance, load_utterances
+from training.features import Utterance, load_train_utterances
 from training.llm_sequence import VECTORS_PER_CHUNK, TurnItem, TurnLayout, load_frozen_llm
 from training.model_config import (
     DEFAULT_ROLE,
@@ -45,6 +45,8 @@ class Stage2Config:
     train_limit: int | None = None
     valid_limit: int = 50
     encoder_frozen_steps: int = 0
+    extra_data: tuple[Path, ...] = ()
+    """More data directories whose train splits are added, less the texts `data_dir` holds out."""
     """For the first N steps only the adapter and the task vector learn (the encoder runs without
     gradients, and faster): a fresh adapter's first gradients would otherwise flow into the
     stage-1 encoder and undo part of its CTC training."""
@@ -112,7 +114,8 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     """Train encoder + adapter + transcribe vector; writes `run_dir/result.pt`."""
     torch.manual_seed(config.loop.seed)
     parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed)
-    train = [u for u in load_utterances(data_dir, "train", TEXT_KINDS, config.train_limit) if u.entry.text]
+    train = [u for u in load_train_utterances(data_dir, TEXT_KINDS, config.extra_data, config.train_limit)
+             if u.entry.text]
     train.sort(key=lambda u: u.chunks.shape[0])
     end_id = turns.layout.end_of_turn_id
     targets = [target_ids(tokenizer, u.entry.text, end_id, config.max_text_tokens) for u in train]
@@ -139,6 +142,7 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     if result.finished:
         summary["final_text_loss"] = round(result.last_metrics.get("text_loss", float("nan")), 4)
         save_result(run_dir / RESULT_NAME, 2, parts, previous["cmvn"],
-                    {"config": asdict(config), "summary": summary})
+                    {"config": {**asdict(config), "extra_data": [str(d) for d in config.extra_data]},
+                     "summary": summary})
     logger.info("stage 2: %s", summary)
     return summary

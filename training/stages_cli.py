@@ -60,6 +60,9 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
     _add_loop_args(p, steps=1500, lr=5e-4, batch=4)
     p.add_argument("--encoder-frozen-steps", type=int, default=0,
                    help="train only the adapter and task vector for the first N steps")
+    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
+                   help="more data directories (e.g. `train data --seed 1`) whose train utterances are added, "
+                        "less any text --data holds out for valid or test")
 
 
 def add_stage3(steps: argparse._SubParsersAction) -> None:
@@ -130,7 +133,7 @@ def run_stage2(args: argparse.Namespace) -> int:
 
     _setup(args)
     config = Stage2Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
-                          encoder_frozen_steps=args.encoder_frozen_steps)
+                          encoder_frozen_steps=args.encoder_frozen_steps, extra_data=tuple(args.extra_data))
     return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
 
 

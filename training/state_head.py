@@ -29,9 +29,8 @@ from tqdm import tqdm
 from quantized_models.onnx_export import file_sha256
 from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
-from training.data.texts import held_out_keys
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
-from training.features import chunk_labels, load_utterances
+from training.features import chunk_labels, held_out_texts, load_utterances
 from training.llm_sequence import TurnItem
 from training.model_config import save_result
 from training.stage2_connect import audio_vectors, build_stage2
@@ -234,8 +233,7 @@ def extra_train_features(parts, turns, data_dir: Path, extra_data: tuple[Path, .
     turns whose text `data_dir` holds out for valid or test."""
     if not extra_data:
         return []
-    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
-    excluded = held_out_keys(own["train"], own["valid"] + own["test"])
+    excluded = held_out_texts(data_dir)
     return [cached_features(parts, turns, extra, "train", config, run_dir / f"features-extra{k}-train.pt",
                             source_sha, excluded)
             for k, extra in enumerate(extra_data, start=1)]
