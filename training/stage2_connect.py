@@ -45,11 +45,11 @@ class Stage2Config:
     train_limit: int | None = None
     valid_limit: int = 50
     encoder_frozen_steps: int = 0
-    extra_data: tuple[Path, ...] = ()
-    """More data directories whose train splits are added, less the texts `data_dir` holds out."""
     """For the first N steps only the adapter and the task vector learn (the encoder runs without
     gradients, and faster): a fresh adapter's first gradients would otherwise flow into the
     stage-1 encoder and undo part of its CTC training."""
+    extra_data: tuple[Path, ...] = ()
+    """More data directories whose train splits are added, less the texts `data_dir` holds out."""
 
 
 def answer_role(data_dir: Path) -> str:
