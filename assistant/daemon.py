@@ -27,6 +27,7 @@ from quantized_models.llm import ContextFullError
 logger = logging.getLogger(__name__)
 
 MODEL_CHUNK_S = 0.16
+"""Audio per listened chunk (the engine's 160 ms step)."""
 OUTPUT_RATE_HZ = 24_000
 TURN_LOG_KEEP = 1000
 """Latest turn records kept in memory (an always-on daemon must not grow without bound)."""

@@ -248,15 +248,23 @@ class WorldCodec(nn.Module):
 
     def token_vectors(self, samples: np.ndarray) -> np.ndarray:
         """pcm [S] -> normalised token vectors [ceil(S / samples_per_token), vector_dims]."""
+        return self.frame_vectors(self.token_frames(self.frame_features(samples), samples.size))
+
+    def token_frames(self, frames: np.ndarray, n_samples: int) -> np.ndarray:
+        """Frame features of `n_samples` of pcm -> exactly the frames its ids cover
+        [ceil(n_samples / samples_per_token) * frames_per_token, frame_dims] (last frame repeated)."""
         cfg = self.dims
-        frames = self.frame_features(samples)
-        n_tokens = max(1, math.ceil(samples.size / cfg.samples_per_token))
-        pad = n_tokens * cfg.frames_per_token - frames.shape[0]
+        needed = max(1, math.ceil(n_samples / cfg.samples_per_token)) * cfg.frames_per_token
+        pad = needed - frames.shape[0]
         if pad > 0:
             frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
-        grouped = frames[: n_tokens * cfg.frames_per_token].reshape(
-            n_tokens * cfg.groups_per_token, cfg.frames_per_group, cfg.frame_dims
-        )  # [T * G, F / G, frame_dims]
+        return frames[:needed]
+
+    def frame_vectors(self, frames: np.ndarray) -> np.ndarray:
+        """`token_frames` [T * frames_per_token, frame_dims] -> normalised token vectors [T, vector_dims]."""
+        cfg = self.dims
+        n_tokens = frames.shape[0] // cfg.frames_per_token
+        grouped = frames.reshape(n_tokens * cfg.groups_per_token, cfg.frames_per_group, cfg.frame_dims)
         raw = grouped.mean(axis=1).reshape(n_tokens, cfg.vector_dims)  # [T, G * frame_dims]
         return (raw - self.mean) / self.scale
 

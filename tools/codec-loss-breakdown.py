@@ -24,14 +24,10 @@ from training.codec.evaluate import EVAL_SEED_OFFSET, PAD_S
 def _variants(codec, audio: np.ndarray) -> dict[str, np.ndarray]:
     """The four renderings of one piper utterance (all float pcm at the codec's rate)."""
     x = np.asarray(audio, dtype=np.float64)
-    cfg = codec.dims
-    frames = codec.frame_features(x)
-    needed = max(1, int(np.ceil(x.size / cfg.samples_per_token))) * cfg.frames_per_token
-    if frames.shape[0] < needed:
-        frames = np.concatenate([frames, np.repeat(frames[-1:], needed - frames.shape[0], axis=0)])
-    vectors = codec.token_vectors(x)
+    frames = codec.token_frames(codec.frame_features(x), x.size)  # one WORLD analysis for all three
+    vectors = codec.frame_vectors(frames)
     return {"piper": np.asarray(audio, dtype=np.float32),
-            "world_frames": codec.synthesize_frames(frames[:needed]),
+            "world_frames": codec.synthesize_frames(frames),
             "world_means": codec.synthesize_vectors(vectors),
             "codec": codec.decode_ids(codec.quantize(vectors))}
 

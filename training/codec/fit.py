@@ -52,12 +52,7 @@ def analyse(config: WorldCodecConfig, audio: list[np.ndarray]) -> list[np.ndarra
     codec = empty_codec(config)
     out = []
     for samples in tqdm(audio, desc="WORLD analysis", unit="sentence", mininterval=2.0):
-        frames = codec.frame_features(samples.astype(np.float64))
-        n_tokens = max(1, math.ceil(samples.size / config.samples_per_token))
-        want = n_tokens * config.frames_per_token
-        if frames.shape[0] < want:
-            frames = np.concatenate([frames, np.repeat(frames[-1:], want - frames.shape[0], axis=0)])
-        out.append(frames[:want])
+        out.append(codec.token_frames(codec.frame_features(samples.astype(np.float64)), samples.size))
     return out
 
 
