@@ -19,9 +19,9 @@ import torch
 from quantized_models.speech_decoder import DecoderCache, DecoderDims, SpeechDecoder
 from training.common import LoopConfig, weights_checksum
 from training.data.texts import TextBank
-from training.tts.decoder_forward import DecoderBatch, conditioning_mask, teacher_forced_logits
-from training.tts.decoder_model import DecoderGeometry, load_decoder_result
-from training.tts.stage_decoder import TtsDecoderConfig
+from training.tts.decoder_forward import DecoderBatch, conditioning_mask, own_prediction_inputs, teacher_forced_logits
+from training.tts.decoder_model import DecoderExample, DecoderGeometry, load_decoder_result
+from training.tts.stage_decoder import TtsDecoderConfig, sampled_batch_step
 
 N_CODES = 64  # the fixture codec's vocabulary, so the exported decoder speaks through it
 TINY_GEOMETRY = DecoderGeometry(rows_per_vector=4, attention_heads=2, linear_units=32, num_blocks=2)
@@ -373,3 +373,61 @@ def test_extra_banks_add_train_texts_but_never_held_out_ones(tmp_path: Path) -> 
     config = replace(_decoder_config(), extra_data=(tmp_path / "extra.json",), valid_limit=0)
     pairs = make_pairs(main, FakeCodec(), tmp_path / "run", config, fake_speak)
     assert [p.text for p in pairs["train"]] == [t for t, _ in merged]
+
+
+def _two_sequence_batch() -> DecoderBatch:
+    torch.manual_seed(1)
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    tokens = [torch.randint(0, 32, (5,)), torch.randint(0, 32, (9,))]
+    return DecoderBatch(pad([torch.randn(8, 16), torch.randn(12, 16)]), [8, 12],
+                        pad(tokens), [5, 9])
+
+
+def test_own_prediction_inputs_are_the_decoders_greedy_guesses() -> None:
+    decoder, batch = _random_decoder(), _two_sequence_batch()
+    with torch.no_grad():
+        teacher = teacher_forced_logits(decoder, batch)
+    guesses = teacher.logits[:, :32].argmax(-1)  # row j of a sequence predicts its id j
+    inputs = own_prediction_inputs(decoder, batch, 1.0, np.random.default_rng(0))
+    assert inputs[0, :5].tolist() == guesses[:5].tolist()
+    assert inputs[1, :9].tolist() == guesses[6:15].tolist()  # after 5 ids + EOS of the first
+    assert inputs[0, 5:].tolist() == batch.tokens[0, 5:].tolist()  # padding untouched
+    assert not torch.equal(inputs, batch.tokens)  # random weights guess wrong
+    assert torch.equal(own_prediction_inputs(decoder, batch, 0.0, np.random.default_rng(0)), batch.tokens)
+    half = own_prediction_inputs(decoder, batch, 0.5, np.random.default_rng(0))
+    assert torch.equal(half, own_prediction_inputs(decoder, batch, 0.5, np.random.default_rng(0)))  # seeded
+
+
+def test_own_inputs_change_the_inputs_not_the_targets() -> None:
+    decoder, batch = _random_decoder(), _two_sequence_batch()
+    batch.input_tokens = own_prediction_inputs(decoder, batch, 1.0, np.random.default_rng(0))
+    with torch.no_grad():
+        fed = teacher_forced_logits(decoder, batch)
+        batch_teacher = replace(batch, input_tokens=None)
+        teacher = teacher_forced_logits(decoder, batch_teacher)
+    assert torch.equal(fed.targets, teacher.targets)
+    assert torch.allclose(fed.logits[0], teacher.logits[0])  # SOS predicts before any input id
+    assert not torch.allclose(fed.logits, teacher.logits)
+
+
+def test_training_on_own_inputs_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    dims = DecoderDims(idim=16, odim=32, attention_dim=16, num_heads=2, linear_units=32, num_blocks=2,
+                       kv_cache_prefix_finetune=False)
+    decoder, embed = SpeechDecoder(dims).train(), torch.nn.Embedding(50, 32)
+    examples = [DecoderExample([i, i + 1, i + 2], [(3 * i + k) % 32 for k in range(12)]) for i in range(4)]
+    step_fn = sampled_batch_step(decoder, examples, embed, seed=0, batch_pairs=4, dropout=0.0, own_input_rate=0.5)
+    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(40):
+        loss, _ = step_fn(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_own_input_rate_must_be_a_share() -> None:
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        TtsDecoderConfig(own_input_rate=1.5)

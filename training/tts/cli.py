@@ -38,6 +38,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--pairs-from", type=Path, default=None,
                    help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
                         "refused unless they were encoded by --codec-dir's codec")
+    p.add_argument("--own-input-rate", type=float, default=0.0,
+                   help="share (0..1) of the input codec ids replaced by the decoder's own greedy predictions "
+                        "(scheduled sampling: the engine feeds back its own ids; default 0: teacher forcing)")
     add_compute_args(p)
 
 
@@ -103,7 +106,7 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
                               train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init,
-                              extra_data=tuple(args.extra_data))
+                              extra_data=tuple(args.extra_data), own_input_rate=args.own_input_rate)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -115,7 +118,8 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
     _seed_kept_pairs(args, PAIRS_NAME)
     config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch,
                              max_codec_tokens=args.max_codec_tokens,
-                             train_limit=args.train_limit, speech_cache=args.speech_cache)
+                             train_limit=args.train_limit, speech_cache=args.speech_cache,
+                             own_input_rate=args.own_input_rate)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,6 +42,9 @@ class DecoderBatch:
     prefix_rows: Tensor | None = None
     """[B, P, idim] split LLM hidden states, or None (no prefix)."""
     prefix_lengths: list[int] | None = None
+    input_tokens: Tensor | None = None
+    """[B, L] ids fed as the AR inputs where they differ from the targets `tokens` (the
+    decoder's own predictions, `own_prediction_inputs`); None: teacher forcing."""
 
 
 def conditioning_mask(cond_len: int, token_len: int, total: int) -> Tensor:
@@ -147,9 +151,11 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
     bos = decoder.embedding(torch.tensor([dims.bos_id], device=device))  # [1, D]
     sos = decoder.embedding(torch.tensor([dims.sos_id], device=device))
     sequences, targets, conds = [], [], []
+    fed = batch.tokens if batch.input_tokens is None else batch.input_tokens
     for b, (n_rows, n_tok) in enumerate(zip(batch.text_lengths, batch.token_lengths)):
         ids = batch.tokens[b, :n_tok].to(device)
-        sequences.append(torch.cat((bos, pre[b, :n_rows], sos, decoder.embedding(ids))))
+        inputs = fed[b, :n_tok].to(device)
+        sequences.append(torch.cat((bos, pre[b, :n_rows], sos, decoder.embedding(inputs))))
         targets.append(torch.cat((ids, torch.tensor([dims.eos_id], device=device))))
         conds.append(n_rows + 1)
     total = max(s.shape[0] for s in sequences)
@@ -169,6 +175,31 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
         x, _ = _layer(layer, x, cos, sin, mask, extra, dropout, decoder.training)
     picked = torch.cat([x[b, c:c + n + 1] for b, (c, n) in enumerate(zip(conds, batch.token_lengths))])
     return DecoderTargets(decoder.out_fnn(decoder.norm(picked)), torch.cat(targets))
+
+
+@torch.no_grad()
+def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: float,
+                          rng: np.random.Generator) -> Tensor:
+    """[B, L] AR inputs with a share `rate` of the ids replaced by the decoder's own greedy
+    predictions of them (scheduled sampling).
+
+    Why: the engine feeds back the decoder's own ids, which are wrong about two times in three;
+    a decoder that only ever saw piper's ids as inputs drifts once its first guesses are wrong
+    (measured on held-out pairs: greedy predictions under teacher forcing are about as
+    intelligible as piper's ids, free-running greedy output is not). The predictions come from a
+    teacher-forced pass without dropout; the targets stay piper's ids.
+    """
+    teacher = DecoderBatch(batch.text_rows, batch.text_lengths, batch.tokens, batch.token_lengths,
+                           batch.prefix_rows, batch.prefix_lengths)
+    logits = teacher_forced_logits(decoder, teacher).logits[:, :decoder.dims.odim]  # codec ids only
+    inputs = batch.tokens.clone()
+    offset = 0
+    for b, n_tok in enumerate(batch.token_lengths):
+        guesses = logits[offset:offset + n_tok].argmax(-1).to(inputs.device)  # position j predicts y_j
+        swap = torch.from_numpy(rng.random(n_tok) < rate).to(inputs.device)
+        inputs[b, :n_tok] = torch.where(swap, guesses, inputs[b, :n_tok])
+        offset += n_tok + 1  # each sequence has n_tok + 1 predictions (the last is EOS)
+    return inputs
 
 
 def token_loss(out: DecoderTargets) -> tuple[Tensor, dict[str, float]]:

@@ -20,7 +20,7 @@ from assistant.segmentation import normalize_tts_text
 from quantized_models.speech_decoder import SpeechDecoder
 from training.common import LoopConfig, batch_rng, train_loop
 from training.llm_sequence import load_frozen_llm
-from training.tts.decoder_forward import teacher_forced_logits, token_loss
+from training.tts.decoder_forward import own_prediction_inputs, teacher_forced_logits, token_loss
 from training.tts.decoder_model import (
     RESULT_NAME,
     DecoderExample,
@@ -77,9 +77,21 @@ class TtsDecoderConfig:
     extra_data: tuple[Path, ...] = ()
     """More banks (or data directories) whose train texts are added, less any text the main
     bank holds out for valid or test."""
+    own_input_rate: float = 0.0
+    """Share of AR input ids replaced by the decoder's own greedy predictions (scheduled
+    sampling, `own_prediction_inputs`); 0: plain teacher forcing."""
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
+
+    def __post_init__(self) -> None:
+        check_own_input_rate(self.own_input_rate)
+
+
+def check_own_input_rate(rate: float) -> None:
+    """ValueError unless `rate` is a share (both tts stages take it)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"own_input_rate is a share of the input ids: give a value from 0 to 1, not {rate}")
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -106,13 +118,17 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
 
 
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
-                       dropout: float) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
-    """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss."""
+                       dropout: float, own_input_rate: float = 0.0) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
+    """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
+    (with `own_input_rate` of the inputs replaced by the decoder's own predictions)."""
     size = min(batch_pairs, len(examples))
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        index = batch_rng(seed, step).choice(len(examples), size, replace=False)
+        rng = batch_rng(seed, step)
+        index = rng.choice(len(examples), size, replace=False)
         batch = make_batch([examples[i] for i in index], embed, decoder.dims.idim, decoder.dims.pad_id)
+        if own_input_rate > 0:
+            batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng)
         return token_loss(teacher_forced_logits(decoder, batch, dropout))
 
     return step_fn
@@ -171,7 +187,8 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
         param.requires_grad_(False)  # trained by tts-prefix on the LLM's hidden states
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
                 decoder.dims.idim, decoder.dims.odim)
-    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout)
+    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
+                                 config.own_input_rate)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {

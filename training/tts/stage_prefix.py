@@ -27,7 +27,13 @@ from training.tts.decoder_model import (
     save_decoder_result,
 )
 from training.tts.pairs import PiperNative, Speak, build_pairs, load_bank, spread_texts
-from training.tts.stage_decoder import CodecEncoderLike, held_out_loss, sampled_batch_step, text_ids
+from training.tts.stage_decoder import (
+    CodecEncoderLike,
+    check_own_input_rate,
+    held_out_loss,
+    sampled_batch_step,
+    text_ids,
+)
 from training.tts.teacher import teacher_forced_segments
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,11 @@ class TtsPrefixConfig:
     init_from_layers: bool = True
     """Start prefix layer i as a copy of NAR/AR layer i (its K/V then already live in the space
     that layer reads), instead of the untrained initialisation tts-decoder left."""
+    own_input_rate: float = 0.0
+    """As `TtsDecoderConfig.own_input_rate`: the prefix layers learn on the decoder's own ids too."""
+
+    def __post_init__(self) -> None:
+        check_own_input_rate(self.own_input_rate)
 
 
 def answer_segments(causal_lm, tokenizer, questions: list[str], answers: dict[str, str], role: str
@@ -122,7 +133,8 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
                      if not k.startswith("layers_prefix.")}
     logger.info("tts-prefix: %d train segments, %d valid", len(train), len(valid))
     no_prefix = held_out_loss(decoder, [DecoderExample(e.text_ids, e.tokens) for e in valid], embed)
-    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout)
+    step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
+                                 config.own_input_rate)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-prefix: codec-id cross-entropy")
     for key, value in frozen_before.items():
