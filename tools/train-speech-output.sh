@@ -10,23 +10,39 @@ OUT=${3:-$WORK/model}
 BANK=${BANK:-training/data/banks/full-seed0.texts.json}
 # DECODER_INIT: a kept tts-decoder result (tools/keep-stage-result.py) to continue from
 # (DECODER_LR: its peak learning rate; a continuation restarts the warmup and cosine decay).
-DECODER_ARGS=()
-[ -n "${DECODER_INIT:-}" ] && DECODER_ARGS=(--init "$DECODER_INIT")
+INIT_ARGS=()
+[ -n "${DECODER_INIT:-}" ] && INIT_ARGS=(--init "$DECODER_INIT")
+PAIR_ARGS=()
 # PAIRS_FROM: kept speech pairs (tools/keep-pairs.py) so only texts they lack are spoken and encoded;
 # the committed archive is used when present (it must come from CODEC_DIR's codec); PAIRS_FROM= speaks all.
 PAIRS_FROM=${PAIRS_FROM-training/artifacts/speech-output/pairs.jsonl.gz}
-[ -n "$PAIRS_FROM" ] && [ -f "$PAIRS_FROM" ] && DECODER_ARGS+=(--pairs-from "$PAIRS_FROM")
+[ -n "$PAIRS_FROM" ] && [ -f "$PAIRS_FROM" ] && PAIR_ARGS+=(--pairs-from "$PAIRS_FROM")
 # EXTRA_BANKS: further text banks whose train texts the decoder also learns (texts BANK holds out for
 # valid or test are left out); EXTRA_BANKS= uses BANK alone.
 EXTRA_BANKS=${EXTRA_BANKS-training/data/banks/full-seed1.texts.json}
-[ -n "$EXTRA_BANKS" ] && DECODER_ARGS+=(--extra-data $EXTRA_BANKS)
+[ -n "$EXTRA_BANKS" ] && PAIR_ARGS+=(--extra-data $EXTRA_BANKS)
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
     --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr "${DECODER_LR:-2e-3}" --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${DECODER_ARGS[@]}"
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}" "${PAIR_ARGS[@]}"
+# OWN_INPUT_RATES: continuations of the decoder on its own greedy predictions as inputs (scheduled
+# sampling), one per rate, OWN_INPUT_STEPS each; the engine feeds back the decoder's own ids, and a
+# purely teacher-forced decoder drifts (training/README.md). OWN_INPUT_RATES= leaves them out.
+DECODER="$WORK/tts-decoder"
+RATE=0
+for RATE in ${OWN_INPUT_RATES-0.5 0.9}; do
+    RUN="$WORK/tts-decoder-own-$RATE"
+    mkdir -p "$RUN"
+    [ -f "$RUN/pairs.jsonl" ] || cp "$DECODER/pairs.jsonl" "$RUN/pairs.jsonl"  # speak and encode nothing twice
+    [ -f "$RUN/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" --init "$DECODER" \
+        --out "$RUN" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" --own-input-rate "$RATE" \
+        --steps "${OWN_INPUT_STEPS:-2000}" --batch 8 --lr 1e-3 --warmup-steps 50 --checkpoint-every 25 \
+        --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${PAIR_ARGS[@]}"
+    DECODER="$RUN"
+done
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
-    --init "$WORK/tts-decoder" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" \
+    --init "$DECODER" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" --own-input-rate "$RATE" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
     --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
 freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
