@@ -15,7 +15,7 @@ checks logit by logit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -189,9 +189,7 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     intelligible as piper's ids, free-running greedy output is not). The predictions come from a
     teacher-forced pass without dropout; the targets stay piper's ids.
     """
-    teacher = DecoderBatch(batch.text_rows, batch.text_lengths, batch.tokens, batch.token_lengths,
-                           batch.prefix_rows, batch.prefix_lengths)
-    logits = teacher_forced_logits(decoder, teacher).logits[:, :decoder.dims.odim]  # codec ids only
+    logits = teacher_forced_logits(decoder, replace(batch, input_tokens=None)).logits[:, :decoder.dims.odim]  # codec ids only
     inputs = batch.tokens.clone()
     offset = 0
     for b, n_tok in enumerate(batch.token_lengths):
