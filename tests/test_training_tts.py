@@ -431,3 +431,31 @@ def test_training_on_own_inputs_lowers_the_loss() -> None:
 def test_own_input_rate_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="from 0 to 1"):
         TtsDecoderConfig(own_input_rate=1.5)
+
+
+def test_decoder_drift_runs_free_as_the_engine_decodes_greedily() -> None:
+    """tools/decoder-drift.py's free-running ids are the engine's greedy AR decode (prefill + steps)."""
+    import importlib.util
+
+    from quantized_models.speech_decoder import split_llm_rows
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "decoder-drift.py"
+    spec = importlib.util.spec_from_file_location("decoder_drift", path)
+    assert spec is not None and spec.loader is not None
+    drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drift)
+    decoder, embed = _random_decoder(), torch.nn.Embedding(50, 32)
+    example = DecoderExample([3, 4, 5], [1, 2, 3])
+    ids = drift.free_running_ids(decoder, example, embed, 12)
+    dims, engine_ids = decoder.dims, []
+    with torch.no_grad():
+        cache = decoder.prefill(split_llm_rows(embed(torch.tensor([3, 4, 5])), 16), None,
+                                DecoderCache(max_new_tokens=20))
+        token = dims.sos_id
+        for _ in range(12):
+            logits, cache = decoder.step(token, cache)
+            codec_best = int(logits[:dims.odim].argmax())
+            if logits[dims.eos_id] > logits[codec_best]:
+                break
+            engine_ids.append(token := codec_best)
+    assert ids == engine_ids and len(ids) > 0
