@@ -19,7 +19,12 @@ import torch
 from quantized_models.speech_decoder import DecoderCache, DecoderDims, SpeechDecoder
 from training.common import LoopConfig, weights_checksum
 from training.data.texts import TextBank
-from training.tts.decoder_forward import DecoderBatch, conditioning_mask, own_prediction_inputs, teacher_forced_logits
+from training.tts.decoder_forward import (
+    DecoderBatch,
+    conditioning_mask,
+    own_prediction_inputs,
+    teacher_forced_logits,
+)
 from training.tts.decoder_model import DecoderExample, DecoderGeometry, load_decoder_result
 from training.tts.stage_decoder import TtsDecoderConfig, sampled_batch_step
 
@@ -416,7 +421,8 @@ def test_training_on_own_inputs_lowers_the_loss() -> None:
                        kv_cache_prefix_finetune=False)
     decoder, embed = SpeechDecoder(dims).train(), torch.nn.Embedding(50, 32)
     examples = [DecoderExample([i, i + 1, i + 2], [(3 * i + k) % 32 for k in range(12)]) for i in range(4)]
-    step_fn = sampled_batch_step(decoder, examples, embed, seed=0, batch_pairs=4, dropout=0.0, own_input_rate=0.5)
+    step_fn = sampled_batch_step(decoder, examples, embed, seed=0, batch_pairs=4, dropout=0.0,
+                                 own_input_rate=0.5)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for step in range(40):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from quantized_models.smollm2 import prepare_smollm2
+from quantized_models.speech_decoder import generate_codec_tokens, split_llm_rows
 from training.codec.api import load_codec_encoder
 from training.codec.asr import Recognizer
 from training.eval import normalise_words, word_errors
@@ -32,21 +33,14 @@ from training.tts.stage_decoder import examples_of
 
 @torch.no_grad()
 def free_running_ids(decoder, example: DecoderExample, embed, max_ids: int) -> list[int]:
-    """Greedy ids, each fed back, until EOS or `max_ids` (training forward, no KV cache)."""
-    dims, ids = decoder.dims, []
-    for _ in range(max_ids):
-        batch = make_batch([DecoderExample(example.text_ids, ids + [0])], embed, dims.idim, dims.pad_id)
-        logits = teacher_forced_logits(decoder, batch).logits[len(ids)]
-        allowed = torch.cat((logits[:dims.odim], logits[dims.eos_id:dims.eos_id + 1]))
-        best = int(allowed.argmax())
-        if best == dims.odim:  # the EOS entry
-            break
-        ids.append(best)
-    return ids
+    """The engine's greedy decode (`generate_codec_tokens`, top-k 1, no prefix) of the example's text."""
+    rows = split_llm_rows(embed(torch.tensor(example.text_ids)).float(), decoder.dims.idim)
+    return list(generate_codec_tokens(decoder, rows, None, top_k=1, max_tokens=max_ids))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("decoder", type=Path)
     parser.add_argument("--codec-dir", type=Path, default=Path("training/artifacts/codec"))
     parser.add_argument("--pairs", type=Path, default=Path("training/artifacts/speech-output/pairs.jsonl.gz"))
@@ -70,7 +64,8 @@ def main() -> None:
         words += len(reference)
         for key, sequence in ids.items():
             pcm = codec.decode(np.asarray(sequence or [0], dtype=np.int64)).astype(np.float32)
-            errors[key] += word_errors(normalise_words(recognizer.transcribe(pcm, codec.sample_rate_hz)), reference)
+            heard = recognizer.transcribe(pcm, codec.sample_rate_hz)
+            errors[key] += word_errors(normalise_words(heard), reference)
     print(json.dumps({key: round(value / max(1, words), 4) for key, value in errors.items()}
                      | {"words": words, "pairs": min(args.limit, len(pairs))}))
 

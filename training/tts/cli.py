@@ -39,8 +39,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
                    help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
                         "refused unless they were encoded by --codec-dir's codec")
     p.add_argument("--own-input-rate", type=float, default=0.0,
-                   help="share (0..1) of the input codec ids replaced by the decoder's own greedy predictions "
-                        "(scheduled sampling: the engine feeds back its own ids; default 0: teacher forcing)")
+                   help="share (0..1) of the input codec ids replaced by the decoder's own greedy "
+                        "predictions (scheduled sampling: the engine feeds back its own ids; "
+                        "default 0: teacher forcing)")
     add_compute_args(p)
 
 

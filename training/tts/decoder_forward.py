@@ -189,7 +189,8 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     intelligible as piper's ids, free-running greedy output is not). The predictions come from a
     teacher-forced pass without dropout; the targets stay piper's ids.
     """
-    logits = teacher_forced_logits(decoder, replace(batch, input_tokens=None)).logits[:, :decoder.dims.odim]  # codec ids only
+    teacher = teacher_forced_logits(decoder, replace(batch, input_tokens=None))
+    logits = teacher.logits[:, :decoder.dims.odim]  # codec ids only
     inputs = batch.tokens.clone()
     offset = 0
     for b, n_tok in enumerate(batch.token_lengths):

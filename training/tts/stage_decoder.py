@@ -118,7 +118,8 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
 
 
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
-                       dropout: float, own_input_rate: float = 0.0) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
+                       dropout: float, own_input_rate: float = 0.0
+                       ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
     (with `own_input_rate` of the inputs replaced by the decoder's own predictions)."""
     size = min(batch_pairs, len(examples))
