@@ -403,6 +403,25 @@ def test_own_prediction_inputs_are_the_decoders_greedy_guesses() -> None:
     assert torch.equal(half, own_prediction_inputs(decoder, batch, 0.5, np.random.default_rng(0)))  # seeded
 
 
+def test_second_pass_guesses_from_the_first_pass_inputs() -> None:
+    decoder, batch = _random_decoder(), _two_sequence_batch()
+    first = own_prediction_inputs(decoder, batch, 1.0, np.random.default_rng(0))
+    with torch.no_grad():
+        again = teacher_forced_logits(decoder, replace(batch, input_tokens=first))
+    guesses = again.logits[:, :32].argmax(-1)
+    second = own_prediction_inputs(decoder, batch, 1.0, np.random.default_rng(0), passes=2)
+    assert second[0, :5].tolist() == guesses[:5].tolist()
+    assert second[1, :9].tolist() == guesses[6:15].tolist()
+    assert not torch.equal(second, first)  # guesses on guesses differ from guesses on piper's ids
+    assert second[0, 5:].tolist() == batch.tokens[0, 5:].tolist()  # padding untouched
+    mixed = own_prediction_inputs(decoder, batch, 0.5, np.random.default_rng(3), passes=3)
+    rng = np.random.default_rng(3)
+    for b, n_tok in enumerate(batch.token_lengths):
+        swap = torch.from_numpy(rng.random(n_tok) < 0.5)  # the same draws as inside
+        assert 0 < swap.sum() < n_tok
+        assert torch.equal(mixed[b, :n_tok][~swap], batch.tokens[b, :n_tok][~swap])  # piper's ids stay
+
+
 def test_own_inputs_change_the_inputs_not_the_targets() -> None:
     decoder, batch = _random_decoder(), _two_sequence_batch()
     batch.input_tokens = own_prediction_inputs(decoder, batch, 1.0, np.random.default_rng(0))
@@ -437,6 +456,8 @@ def test_training_on_own_inputs_lowers_the_loss() -> None:
 def test_own_input_rate_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="from 0 to 1"):
         TtsDecoderConfig(own_input_rate=1.5)
+    with pytest.raises(ValueError, match="1 or more"):
+        TtsDecoderConfig(own_input_rate=0.5, own_input_passes=0)
 
 
 def test_decoder_drift_runs_free_as_the_engine_decodes_greedily() -> None:

@@ -42,6 +42,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
                    help="share (0..1) of the input codec ids replaced by the decoder's own greedy "
                         "predictions (scheduled sampling: the engine feeds back its own ids; "
                         "default 0: teacher forcing)")
+    p.add_argument("--own-input-passes", type=int, default=1,
+                   help="prediction passes for those ids: each further pass predicts again from the "
+                        "previous pass's mixed inputs (default 1)")
     add_compute_args(p)
 
 
@@ -107,7 +110,8 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
                               train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init,
-                              extra_data=tuple(args.extra_data), own_input_rate=args.own_input_rate)
+                              extra_data=tuple(args.extra_data), own_input_rate=args.own_input_rate,
+                              own_input_passes=args.own_input_passes)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -120,7 +124,8 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
     config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch,
                              max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache,
-                             own_input_rate=args.own_input_rate)
+                             own_input_rate=args.own_input_rate,
+                             own_input_passes=args.own_input_passes)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
 

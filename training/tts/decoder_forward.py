@@ -179,7 +179,7 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
 
 @torch.no_grad()
 def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: float,
-                          rng: np.random.Generator) -> Tensor:
+                          rng: np.random.Generator, passes: int = 1) -> Tensor:
     """[B, L] AR inputs with a share `rate` of the ids replaced by the decoder's own greedy
     predictions of them (scheduled sampling).
 
@@ -187,17 +187,21 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     a decoder that only ever saw piper's ids as inputs drifts once its first guesses are wrong
     (measured on held-out pairs: greedy predictions under teacher forcing are about as
     intelligible as piper's ids, free-running greedy output is not). The predictions come from a
-    teacher-forced pass without dropout; the targets stay piper's ids.
+    teacher-forced pass without dropout; the targets stay piper's ids. With `passes` > 1 each
+    further pass predicts again from the previous pass's mixed inputs (the same positions are
+    swapped), so the guesses are made on contexts that already hold guesses, as when running free.
     """
-    teacher = teacher_forced_logits(decoder, replace(batch, input_tokens=None))
-    logits = teacher.logits[:, :decoder.dims.odim]  # codec ids only
+    swaps = [torch.from_numpy(rng.random(n_tok) < rate) for n_tok in batch.token_lengths]
     inputs = batch.tokens.clone()
-    offset = 0
-    for b, n_tok in enumerate(batch.token_lengths):
-        guesses = logits[offset:offset + n_tok].argmax(-1).to(inputs.device)  # position j predicts y_j
-        swap = torch.from_numpy(rng.random(n_tok) < rate).to(inputs.device)
-        inputs[b, :n_tok] = torch.where(swap, guesses, inputs[b, :n_tok])
-        offset += n_tok + 1  # each sequence has n_tok + 1 predictions (the last is EOS)
+    for pass_index in range(passes):
+        fed = None if pass_index == 0 else inputs.clone()
+        teacher = teacher_forced_logits(decoder, replace(batch, input_tokens=fed))
+        logits = teacher.logits[:, :decoder.dims.odim]  # codec ids only
+        offset = 0
+        for b, (n_tok, swap) in enumerate(zip(batch.token_lengths, swaps)):
+            guesses = logits[offset:offset + n_tok].argmax(-1).to(inputs.device)  # position j predicts y_j
+            inputs[b, :n_tok] = torch.where(swap.to(inputs.device), guesses, batch.tokens[b, :n_tok])
+            offset += n_tok + 1  # each sequence has n_tok + 1 predictions (the last is EOS)
     return inputs
 
 

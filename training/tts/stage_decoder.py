@@ -80,18 +80,22 @@ class TtsDecoderConfig:
     own_input_rate: float = 0.0
     """Share of AR input ids replaced by the decoder's own greedy predictions (scheduled
     sampling, `own_prediction_inputs`); 0: plain teacher forcing."""
+    own_input_passes: int = 1
+    """Prediction passes per batch for the swapped ids (> 1: guesses made on guesses)."""
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
 
     def __post_init__(self) -> None:
-        check_own_input_rate(self.own_input_rate)
+        check_own_input_rate(self.own_input_rate, self.own_input_passes)
 
 
-def check_own_input_rate(rate: float) -> None:
-    """ValueError unless `rate` is a share (both tts stages take it)."""
+def check_own_input_rate(rate: float, passes: int = 1) -> None:
+    """ValueError unless `rate` is a share and `passes` at least 1 (both tts stages take them)."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"own_input_rate is a share of the input ids: give a value from 0 to 1, not {rate}")
+    if passes < 1:
+        raise ValueError(f"own_input_passes counts prediction passes: give 1 or more, not {passes}")
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -118,7 +122,7 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
 
 
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
-                       dropout: float, own_input_rate: float = 0.0
+                       dropout: float, own_input_rate: float = 0.0, own_input_passes: int = 1
                        ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
     (with `own_input_rate` of the inputs replaced by the decoder's own predictions)."""
@@ -129,7 +133,8 @@ def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int
         index = rng.choice(len(examples), size, replace=False)
         batch = make_batch([examples[i] for i in index], embed, decoder.dims.idim, decoder.dims.pad_id)
         if own_input_rate > 0:
-            batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng)
+            batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng,
+                                                       own_input_passes)
         return token_loss(teacher_forced_logits(decoder, batch, dropout))
 
     return step_fn
@@ -189,7 +194,7 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
                 decoder.dims.idim, decoder.dims.odim)
     step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
-                                 config.own_input_rate)
+                                 config.own_input_rate, config.own_input_passes)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {

@@ -62,9 +62,11 @@ class TtsPrefixConfig:
     that layer reads), instead of the untrained initialisation tts-decoder left."""
     own_input_rate: float = 0.0
     """As `TtsDecoderConfig.own_input_rate`: the prefix layers learn on the decoder's own ids too."""
+    own_input_passes: int = 1
+    """As `TtsDecoderConfig.own_input_passes`."""
 
     def __post_init__(self) -> None:
-        check_own_input_rate(self.own_input_rate)
+        check_own_input_rate(self.own_input_rate, self.own_input_passes)
 
 
 def answer_segments(causal_lm, tokenizer, questions: list[str], answers: dict[str, str], role: str
@@ -134,7 +136,7 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
     logger.info("tts-prefix: %d train segments, %d valid", len(train), len(valid))
     no_prefix = held_out_loss(decoder, [DecoderExample(e.text_ids, e.tokens) for e in valid], embed)
     step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
-                                 config.own_input_rate)
+                                 config.own_input_rate, config.own_input_passes)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-prefix: codec-id cross-entropy")
     for key, value in frozen_before.items():
