@@ -194,7 +194,7 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     swaps = [torch.from_numpy(rng.random(n_tok) < rate) for n_tok in batch.token_lengths]
     inputs = batch.tokens.clone()
     for pass_index in range(passes):
-        fed = None if pass_index == 0 else inputs.clone()
+        fed = None if pass_index == 0 else inputs  # read before this pass rewrites it
         teacher = teacher_forced_logits(decoder, replace(batch, input_tokens=fed))
         logits = teacher.logits[:, :decoder.dims.odim]  # codec ids only
         offset = 0
