@@ -28,7 +28,7 @@ from quantized_models.world_codec import WorldCodec, WorldCodecConfig, load_worl
 from training.codec.asr import Recognizer
 from training.codec.corpus import load_or_render, pick_sentences
 from training.codec.evaluate import EVAL_SEED_OFFSET, PAD_S
-from training.codec.fit import kmeans, normalisation, token_vectors
+from training.codec.fit import empty_codec, kmeans, normalisation, token_vectors
 
 KMEANS_ITERS = 30
 
@@ -45,10 +45,9 @@ def analysed_frames(analyser: WorldCodec, corpus: Path, cache: Path) -> list[np.
     return frames
 
 
-def whole_ids(frames: np.ndarray, frames_per_token: int) -> np.ndarray:
-    """Frames padded (last frame repeated) to a whole number of ids."""
-    short = -len(frames) % frames_per_token
-    return np.concatenate([frames, np.repeat(frames[-1:], short, 0)]) if short else frames
+def whole_ids(codec: WorldCodec, frames: np.ndarray) -> np.ndarray:
+    """Frames padded (last frame repeated, `WorldCodec.token_frames`) to a whole number of ids."""
+    return codec.token_frames(frames, len(frames) * codec.dims.frame_samples)
 
 
 def variant_config(base: WorldCodecConfig, spec: str) -> tuple[str, WorldCodecConfig, int]:
@@ -65,26 +64,29 @@ def variant_config(base: WorldCodecConfig, spec: str) -> tuple[str, WorldCodecCo
 
 
 def fitted(config: WorldCodecConfig, frames: list[np.ndarray], seed: int) -> WorldCodec:
-    padded = [whole_ids(f, config.frames_per_token) for f in frames]
+    analyser = empty_codec(config)
+    padded = [whole_ids(analyser, f) for f in frames]
     mean, scale = normalisation(config, padded)
     x = torch.from_numpy(np.concatenate([token_vectors(config, f, mean, scale) for f in padded])).float()
     return WorldCodec(config, kmeans(x, config.n_codes, KMEANS_ITERS, seed).double().numpy(), mean, scale)
 
 
-def held_out_wer(codec: WorldCodec, texts: list[str], frames: list[np.ndarray], recognizer: Recognizer) -> float:
+def held_out_wer(codec: WorldCodec, texts: list[str], frames: list[np.ndarray],
+                 recognizer: Recognizer) -> float:
     cfg = codec.dims
     pad = np.zeros(int(PAD_S * cfg.sampling_rate), dtype=np.float32)
     errors = words = 0
     for text, f in zip(texts, frames):
-        vectors = token_vectors(cfg, whole_ids(f, cfg.frames_per_token), codec.mean, codec.scale)
-        pcm = np.asarray(codec.decode_ids(codec.quantize(vectors)), dtype=np.float32)
+        ids = codec.quantize(codec.frame_vectors(whole_ids(codec, f)))
+        pcm = np.asarray(codec.decode_ids(ids), dtype=np.float32)
         e, n = recognizer.errors(np.concatenate([pad, pcm, pad]), cfg.sampling_rate, text)
         errors, words = errors + e, words + n
     return errors / max(1, words)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--speech-cache", type=Path, required=True)
@@ -109,7 +111,8 @@ def main() -> None:
                 train_frames = analysed_frames(committed, args.corpus, args.frames)
             name, config, seed = variant_config(committed.dims, spec)
             codec = fitted(config, train_frames, seed)
-        print(json.dumps({"variant": name, "wer": round(held_out_wer(codec, texts, held_frames, recognizer), 4),
+        wer = held_out_wer(codec, texts, held_frames, recognizer)
+        print(json.dumps({"variant": name, "wer": round(wer, 4),
                           "ids_per_s": round(codec.dims.tokens_per_s, 2), "n_codes": codec.dims.n_codes,
                           "seconds": round(time.monotonic() - start)}), flush=True)
 
