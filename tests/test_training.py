@@ -513,3 +513,41 @@ def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: 
     assert summary["extra_train_turns"] == len(own_train_turns)
     assert summary["train_turns"] == alone["train_turns"] + len(own_train_turns)
     assert summary["train_chunks"] == 2 * alone["train_chunks"]
+
+
+def test_time_mask_hides_the_same_frames_in_overlapping_chunks() -> None:
+    from training.stage1_encoder import time_mask
+
+    rng = np.random.default_rng(3)
+    chunks = torch.randn(2, 6, 19, 8) + 5.0
+    counts = torch.tensor([6, 4])
+    chunks[1, 4:] = 0.0  # padding of the shorter utterance
+    mean = torch.full((8,), -1.0)
+    out = time_mask(chunks, counts, mean, masks=2, max_frames=12, rng=np.random.default_rng(3))
+    hidden = (out == -1.0).all(-1)  # [B, N, 19]
+    assert hidden.any()
+    changed = (out != chunks).any(-1)
+    assert torch.equal(changed, hidden)  # only whole frames change, and only to the mean
+    assert torch.equal(out[1, 4:], chunks[1, 4:])  # padding untouched
+    # rows 16..18 of chunk k are rows 0..2 of chunk k + 1
+    assert torch.equal(hidden[0, :-1, 16:], hidden[0, 1:, :3])
+    assert torch.equal(hidden[1, :3, 16:], hidden[1, 1:4, :3])
+    assert hidden[0].sum() <= 2 * 12 * 2  # each frame is in at most two chunks
+    unchanged = time_mask(chunks, counts, mean, masks=0, max_frames=12, rng=rng)
+    assert torch.equal(unchanged, chunks)
+
+
+def test_stage2_augmentation_is_off_by_default_and_masks_only_with_the_mean(tmp_path: Path) -> None:
+    from training.features import load_utterances
+    from training.stage2_connect import augmented
+
+    utts = load_utterances(write_tiny_data(tmp_path), "train", ("statement", "question"), limit=3)
+    mean = torch.full((utts[0].chunks.shape[-1],), -7.0)
+    assert augmented(utts, mean, Stage2Config(), np.random.default_rng(0)) is utts
+    config = Stage2Config(freq_mask_bins=4, time_masks=2, time_mask_frames=10)
+    out = augmented(utts, mean, config, np.random.default_rng(0))
+    assert [u.chunks.shape for u in out] == [u.chunks.shape for u in utts]
+    assert [u.entry for u in out] == [u.entry for u in utts]
+    assert any(not torch.equal(a.chunks, b.chunks) for a, b in zip(out, utts))
+    for a, b in zip(out, utts):
+        assert bool(((a.chunks == b.chunks) | (a.chunks == -7.0)).all())

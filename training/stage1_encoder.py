@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from quantized_models.encoder import SpeechEncoder
+from quantized_models.frontend import CHUNK_NEW_FRAMES
 from training.common import RESULT_NAME, LoopConfig, batch_rng, train_loop
 from training.features import CharVocab, Utterance, cmvn_stats, load_utterances
 from training.model_config import (
@@ -104,13 +105,33 @@ def draw_mask(encoder: SpeechEncoder, rng: np.random.Generator, counts: Tensor,
     return positions, visible, "dynamic"
 
 
-def _freq_mask(chunks: Tensor, mean: Tensor, max_bins: int, rng: np.random.Generator) -> Tensor:
+def freq_mask(chunks: Tensor, mean: Tensor, max_bins: int, rng: np.random.Generator) -> Tensor:
     """SpecAugment frequency mask per utterance, filled with the CMVN mean (normalised to 0)."""
     out = chunks.clone()
     for i in range(out.shape[0]):
         width = int(rng.integers(0, max_bins + 1))
         start = int(rng.integers(0, out.shape[-1] - width + 1))
         out[i, ..., start:start + width] = mean[start:start + width]
+    return out
+
+
+def time_mask(chunks: Tensor, counts: Tensor, mean: Tensor, masks: int, max_frames: int,
+              rng: np.random.Generator) -> Tensor:
+    """SpecAugment time masks: per utterance `masks` runs of up to `max_frames` fbank frames set to
+    the CMVN mean. Chunks overlap (19 rows, 16 new per chunk), so a frame is masked in every
+    chunk that holds it, as if the mask had been applied to the waveform's frames."""
+    out = chunks.clone()
+    rows = chunks.shape[2]
+    frame = CHUNK_NEW_FRAMES * torch.arange(chunks.shape[1])[:, None] + torch.arange(rows)[None, :]  # [N, 19]
+    for i, count in enumerate(counts.tolist()):
+        total = CHUNK_NEW_FRAMES * (count - 1) + rows
+        hidden = torch.zeros_like(frame, dtype=torch.bool)
+        for _ in range(masks):
+            width = int(rng.integers(0, max_frames + 1))
+            start = int(rng.integers(0, max(total - width, 0) + 1))
+            hidden |= (frame >= start) & (frame < start + width)
+        hidden[count:] = False  # padding stays zero
+        out[i][hidden] = mean
     return out
 
 
@@ -181,7 +202,7 @@ def train_stage1(data_dir: Path, run_dir: Path, config: Stage1Config) -> dict:
         rng = batch_rng(config.loop.seed, step)
         index = batches.draw(rng)
         chunks, counts = pad_chunks([batches.utts[i] for i in index])
-        chunks = _freq_mask(chunks, mean, config.freq_mask_bins, rng)
+        chunks = freq_mask(chunks, mean, config.freq_mask_bins, rng)
         positions, visible, kind = draw_mask(model.encoder, rng, counts, config)
         loss = ctc_loss(model, chunks, counts, [batches.targets[i] for i in index], positions, visible)
         return loss, {"ctc_loss": loss.item(), "streaming_mask": float(kind == "streaming")}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,11 +24,12 @@ from training.model_config import (
     DEFAULT_ROLE,
     TRANSCRIBE_TASK_ID,
     AudioLlmParts,
+    cmvn_tensors,
     load_result,
     save_result,
     with_llm,
 )
-from training.stage1_encoder import pad_chunks
+from training.stage1_encoder import freq_mask, pad_chunks, time_mask
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ class Stage2Config:
     stage-1 encoder and undo part of its CTC training."""
     extra_data: tuple[Path, ...] = ()
     """More data directories whose train splits are added, less the texts `data_dir` holds out."""
+    freq_mask_bins: int = 0
+    """SpecAugment in stage 2: one frequency mask of up to this many mel bins per utterance."""
+    time_masks: int = 0
+    """SpecAugment in stage 2: this many time masks per utterance ..."""
+    time_mask_frames: int = 10
+    """... each of up to this many fbank frames (10 ms each)."""
 
 
 def answer_role(data_dir: Path) -> str:
@@ -83,6 +91,19 @@ def audio_vectors(parts: AudioLlmParts, utts: list[Utterance], encoder_grad: boo
         enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
     vectors = parts.adapter.forward_full(enc)  # [B, 2 N, H]
     return [vectors[i, : VECTORS_PER_CHUNK * int(n)] for i, n in enumerate(counts)]
+
+
+def augmented(utts: list[Utterance], mean: Tensor, config: Stage2Config,
+              rng: np.random.Generator) -> list[Utterance]:
+    """The batch with SpecAugment's masks drawn from `rng` (unchanged when both are off)."""
+    if config.freq_mask_bins <= 0 and config.time_masks <= 0:
+        return utts
+    chunks, counts = pad_chunks(utts)
+    if config.freq_mask_bins > 0:
+        chunks = freq_mask(chunks, mean, config.freq_mask_bins, rng)
+    if config.time_masks > 0:
+        chunks = time_mask(chunks, counts, mean, config.time_masks, config.time_mask_frames, rng)
+    return [replace(u, chunks=chunks[i, :n]) for i, (u, n) in enumerate(zip(utts, counts.tolist()))]
 
 
 def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
@@ -123,12 +144,15 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
         param.requires_grad_(False)
     parts.heads.task_embeddings.weight.requires_grad_(True)  # only its `transcribe` row gets gradients
     size = min(config.batch_utterances, len(train))
+    mean, _ = cmvn_tensors(previous["cmvn"])
     logger.info("stage 2: %d utterances, LLM width %d", len(train), causal_lm.config.hidden_size)
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        start = int(batch_rng(config.loop.seed, step).integers(0, len(train) - size + 1))
+        rng = batch_rng(config.loop.seed, step)
+        start = int(rng.integers(0, len(train) - size + 1))
         index = range(start, start + size)
-        batch = turns.lay_out(transcribe_items(parts, [train[i] for i in index], [targets[i] for i in index],
+        utts = augmented([train[i] for i in index], mean, config, rng)
+        batch = turns.lay_out(transcribe_items(parts, utts, [targets[i] for i in index],
                                                encoder_grad=step >= config.encoder_frozen_steps))
         loss = turns.token_loss(turns.hidden(batch), batch)
         return loss, {"text_loss": loss.item()}

@@ -63,6 +63,10 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-data", type=Path, nargs="+", default=(),
                    help="more data directories (e.g. `train data --seed 1`) whose train utterances are added, "
                         "less any text --data holds out for valid or test")
+    p.add_argument("--freq-mask-bins", type=int, default=0,
+                   help="SpecAugment: one frequency mask of up to N mel bins per utterance (0: off)")
+    p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: N time masks per utterance (0: off)")
+    p.add_argument("--time-mask-frames", type=int, default=10, help="longest time mask, in 10 ms frames")
 
 
 def add_stage3(steps: argparse._SubParsersAction) -> None:
@@ -133,7 +137,9 @@ def run_stage2(args: argparse.Namespace) -> int:
 
     _setup(args)
     config = Stage2Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
-                          encoder_frozen_steps=args.encoder_frozen_steps, extra_data=tuple(args.extra_data))
+                          encoder_frozen_steps=args.encoder_frozen_steps, extra_data=tuple(args.extra_data),
+                          freq_mask_bins=args.freq_mask_bins, time_masks=args.time_masks,
+                          time_mask_frames=args.time_mask_frames)
     return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
 
 
