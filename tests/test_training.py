@@ -21,7 +21,7 @@ from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, fr
 from training.data.manifest import ManifestEntry, read_manifest, write_manifest
 from training.features import ChunkLabel, CharVocab, chunk_labels, load_wav, utterance_chunks
 from training.model_config import EncoderGeometry, build_encoder, encoder_train_yaml, load_result
-from training.stage1_encoder import Stage1Config, chunk_mask, train_stage1
+from training.stage1_encoder import Stage1Config, chunk_mask, pad_chunks, train_stage1
 from training.stage2_connect import Stage2Config, train_stage2
 from training.stage3_dialogue import Stage3Config, chunk_state_logits, train_stage3
 
@@ -543,11 +543,13 @@ def test_stage2_augmentation_is_off_by_default_and_masks_only_with_the_mean(tmp_
 
     utts = load_utterances(write_tiny_data(tmp_path), "train", ("statement", "question"), limit=3)
     mean = torch.full((utts[0].chunks.shape[-1],), -7.0)
-    assert augmented(utts, mean, Stage2Config(), np.random.default_rng(0)) is utts
+    chunks, counts = pad_chunks(utts)
+    plain = augmented(utts, mean, Stage2Config(), np.random.default_rng(0))
+    assert torch.equal(plain[0], chunks) and torch.equal(plain[1], counts)
     config = Stage2Config(freq_mask_bins=4, time_masks=2, time_mask_frames=10)
-    out = augmented(utts, mean, config, np.random.default_rng(0))
-    assert [u.chunks.shape for u in out] == [u.chunks.shape for u in utts]
-    assert [u.entry for u in out] == [u.entry for u in utts]
-    assert any(not torch.equal(a.chunks, b.chunks) for a, b in zip(out, utts))
-    for a, b in zip(out, utts):
-        assert bool(((a.chunks == b.chunks) | (a.chunks == -7.0)).all())
+    out, out_counts = augmented(utts, mean, config, np.random.default_rng(0))
+    assert out.shape == chunks.shape and torch.equal(out_counts, counts)
+    assert not torch.equal(out, chunks)
+    assert bool(((out == chunks) | (out == -7.0)).all())
+    for i, n in enumerate(counts.tolist()):
+        assert torch.equal(out[i, n:], chunks[i, n:])  # padding stays zero

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,12 @@ def init_like_tokens(weight: Tensor, table: Tensor, gen: torch.Generator) -> Non
 
 def audio_vectors(parts: AudioLlmParts, utts: list[Utterance], encoder_grad: bool = True) -> list[Tensor]:
     """Per utterance [2 N, H] adapter vectors, as the engine's streaming steps compute them."""
-    chunks, counts = pad_chunks(utts)
+    return padded_audio_vectors(parts, *pad_chunks(utts), encoder_grad)
+
+
+def padded_audio_vectors(parts: AudioLlmParts, chunks: Tensor, counts: Tensor,
+                         encoder_grad: bool = True) -> list[Tensor]:
+    """`audio_vectors` of a padded batch ([B, N_max, 19, M] chunks, [B] chunk counts)."""
     positions, visible = parts.encoder.offline_positions(chunks.shape[1], chunks.device)
     with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
         enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
@@ -94,16 +99,17 @@ def audio_vectors(parts: AudioLlmParts, utts: list[Utterance], encoder_grad: boo
 
 
 def augmented(utts: list[Utterance], mean: Tensor, config: Stage2Config,
-              rng: np.random.Generator) -> list[Utterance]:
-    """The batch with SpecAugment's masks drawn from `rng` (unchanged when both are off)."""
-    if config.freq_mask_bins <= 0 and config.time_masks <= 0:
-        return utts
+              rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """The padded batch (`pad_chunks`) with SpecAugment's masks drawn from `rng` (none when both
+    are off)."""
     chunks, counts = pad_chunks(utts)
     if config.freq_mask_bins > 0:
         chunks = freq_mask(chunks, mean, config.freq_mask_bins, rng)
     if config.time_masks > 0:
         chunks = time_mask(chunks, counts, mean, config.time_masks, config.time_mask_frames, rng)
-    return [replace(u, chunks=chunks[i, :n]) for i, (u, n) in enumerate(zip(utts, counts.tolist()))]
+    for i, n in enumerate(counts.tolist()):
+        chunks[i, n:] = 0.0  # the frequency mask filled padding too; the adapter's BatchNorm sees it
+    return chunks, counts
 
 
 def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
@@ -124,10 +130,11 @@ def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
     return parts, previous, causal_lm, tokenizer, TurnLayout(causal_lm, tokenizer, layout)
 
 
-def transcribe_items(parts: AudioLlmParts, utts: list[Utterance], targets: list[list[int]],
+def transcribe_items(parts: AudioLlmParts, padded: tuple[Tensor, Tensor], targets: list[list[int]],
                      encoder_grad: bool = True) -> list[TurnItem]:
+    """Transcription turns of a padded batch (`augmented`)."""
     lead = parts.heads.task_embeddings.weight[TRANSCRIBE_TASK_ID:TRANSCRIBE_TASK_ID + 1]  # [1, H]
-    vectors = audio_vectors(parts, utts, encoder_grad)
+    vectors = padded_audio_vectors(parts, *padded, encoder_grad)
     return [TurnItem(audio=v, lead=lead, answer_ids=t) for v, t in zip(vectors, targets)]
 
 
@@ -151,8 +158,8 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
         rng = batch_rng(config.loop.seed, step)
         start = int(rng.integers(0, len(train) - size + 1))
         index = range(start, start + size)
-        utts = augmented([train[i] for i in index], mean, config, rng)
-        batch = turns.lay_out(transcribe_items(parts, utts, [targets[i] for i in index],
+        padded = augmented([train[i] for i in index], mean, config, rng)
+        batch = turns.lay_out(transcribe_items(parts, padded, [targets[i] for i in index],
                                                encoder_grad=step >= config.encoder_frozen_steps))
         loss = turns.token_loss(turns.hidden(batch), batch)
         return loss, {"text_loss": loss.item()}
