@@ -553,3 +553,18 @@ def test_stage2_augmentation_is_off_by_default_and_masks_only_with_the_mean(tmp_
     assert bool(((out == chunks) | (out == -7.0)).all())
     for i, n in enumerate(counts.tolist()):
         assert torch.equal(out[i, n:], chunks[i, n:])  # padding stays zero
+
+
+def test_stage3_cli_passes_loss_weights(monkeypatch, tmp_path):
+    """`train stage3 --state-loss-weight/--end-class-weight` reach the stage-3 config (defaults otherwise)."""
+    import training.stage3_dialogue as stage3
+    from assistant.cli import main
+
+    seen = []
+    monkeypatch.setattr(stage3, "train_stage3", lambda init, data, llm, out, config: seen.append(config) or {})
+    base = ["train", "stage3", "--data", str(tmp_path), "--init", str(tmp_path), "--out", str(tmp_path / "r"),
+            "--llm-dir", str(tmp_path)]
+    assert main(base) == 0
+    assert main([*base, "--state-loss-weight", "4", "--end-class-weight", "1.5"]) == 0
+    assert (seen[0].state_loss_weight, seen[0].end_class_weight) == (1.0, 3.0)
+    assert (seen[1].state_loss_weight, seen[1].end_class_weight) == (4.0, 1.5)

@@ -76,6 +76,10 @@ def add_stage3(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     _add_loop_args(p, steps=1000, lr=2e-3, batch=4)
     p.add_argument("--tail-chunks", type=int, default=1, help="silent chunks after each turn, end-labelled")
+    p.add_argument("--state-loss-weight", type=float, default=1.0,
+                   help="weight of the state loss against the answer loss (the prompt vectors serve both)")
+    p.add_argument("--end-class-weight", type=float, default=3.0,
+                   help="state cross-entropy weight of classes 1 and 2 relative to class 0")
 
 
 def add_state_head(steps: argparse._SubParsersAction) -> None:
@@ -148,7 +152,8 @@ def run_stage3(args: argparse.Namespace) -> int:
 
     _setup(args)
     config = Stage3Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
-                          tail_chunks=args.tail_chunks)
+                          tail_chunks=args.tail_chunks, state_loss_weight=args.state_loss_weight,
+                          end_class_weight=args.end_class_weight)
     return _report(train_stage3(args.init, args.data, _llm_dir(args), args.out, config))
 
 
