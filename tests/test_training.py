@@ -19,7 +19,8 @@ import torch
 from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_step
 from training.common import FrozenLlmChangedError, LoopConfig, assert_frozen, freeze, weights_checksum
 from training.data.manifest import ManifestEntry, read_manifest, write_manifest
-from training.features import ChunkLabel, CharVocab, chunk_labels, load_wav, utterance_chunks
+from training.features import (ChunkLabel, CharVocab, chunk_labels, load_wav, speed_perturbed,
+                               utterance_chunks)
 from training.model_config import EncoderGeometry, build_encoder, encoder_train_yaml, load_result
 from training.stage1_encoder import Stage1Config, chunk_mask, pad_chunks, train_stage1
 from training.stage2_connect import Stage2Config, train_stage2
@@ -119,6 +120,28 @@ def test_chunk_labels_mark_only_the_end() -> None:
     assert chunk_labels(other) == [0] * 5 + [ChunkLabel.IGNORE]
     with pytest.raises(ValueError, match="no state label"):
         chunk_labels(replace(other, kind="statement"))
+
+
+def test_speed_perturbation_scales_audio_labels_and_pauses() -> None:
+    """A 1 kHz tone at speed 1.25 lasts 1/1.25 as long and sounds at 1.25 kHz; the end label and
+    the pause move with it; speed 1 is the identity."""
+    n = 10 * CHUNK_SAMPLES
+    tone = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(n) / 16000)).astype(np.float32)
+    entry = ManifestEntry(id="q", split="train", voice="v", kind="question", text="what time is it",
+                          answer="Noon.", wav="q.wav", num_samples=n,
+                          pause_spans=[[4 * CHUNK_SAMPLES, 6 * CHUNK_SAMPLES]])
+    same, same_entry = speed_perturbed(tone, entry, 1.0)
+    assert same is tone and same_entry is entry
+    fast, fast_entry = speed_perturbed(tone, entry, 1.25)
+    assert fast.shape[0] == fast_entry.num_samples == 8 * CHUNK_SAMPLES
+    assert fast_entry.pause_spans == [[int(4 * CHUNK_SAMPLES / 1.25), int(6 * CHUNK_SAMPLES / 1.25)]]
+    assert fast_entry.id != entry.id and fast_entry.text == entry.text
+    assert chunk_labels(fast_entry) == [0] * 7 + [ChunkLabel.RESPOND]
+    spectrum = np.abs(np.fft.rfft(fast[CHUNK_SAMPLES:-CHUNK_SAMPLES]))
+    peak_hz = np.argmax(spectrum) * 16000 / (fast.shape[0] - 2 * CHUNK_SAMPLES)
+    assert abs(peak_hz - 1250) < 5
+    slow, slow_entry = speed_perturbed(tone, entry, 0.8)
+    assert slow.shape[0] == slow_entry.num_samples == round(n / 0.8)
 
 
 def test_char_vocab_round_trip_and_greedy() -> None:
@@ -513,6 +536,22 @@ def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: 
     assert summary["extra_train_turns"] == len(own_train_turns)
     assert summary["train_turns"] == alone["train_turns"] + len(own_train_turns)
     assert summary["train_chunks"] == 2 * alone["train_chunks"]
+
+
+def test_state_head_speed_perturbation_adds_sped_up_copies_of_the_train_turns(chain: dict, tmp_path: Path) -> None:
+    from training.state_head import HeadFitConfig, fit_state_head
+
+    config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(0.0,),
+                           lbfgs_iterations=20)
+    alone = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "alone", config)
+    sped = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "sped",
+                          replace(config, speed_factors=(1.5,)))
+    cache = torch.load(tmp_path / "sped/features-train-speed1.5.pt", weights_only=False)
+    plain = torch.load(tmp_path / "sped/features-train.pt", weights_only=False)
+    assert cache["speed"] == 1.5 and "speed" not in plain
+    assert [e.id for e in cache["features"].entries] == [f"{e.id}@speed1.5" for e in plain["features"].entries]
+    assert sped["train_turns"] == 2 * alone["train_turns"]
+    assert alone["train_chunks"] < sped["train_chunks"] < 2 * alone["train_chunks"]  # 1.5x faster: fewer chunks
 
 
 def test_time_mask_hides_the_same_frames_in_overlapping_chunks() -> None:

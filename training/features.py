@@ -7,7 +7,7 @@ on the features it will be served.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 
@@ -104,17 +104,39 @@ class Utterance:
     """[N, 19, n_mels] raw log-mel chunks (CMVN is applied inside the encoder)."""
 
 
+def speed_perturbed(samples: np.ndarray, entry: ManifestEntry, speed: float) -> tuple[np.ndarray, ManifestEntry]:
+    """The utterance played `speed` times as fast (tempo and pitch together, as a tape would), with
+    its entry's length and pause spans scaled to match; speed 1 returns both unchanged.
+
+    Resampling from `speed` x 16 kHz to 16 kHz keeps the voice but moves its pitch and rate, a cheap
+    stand-in for speakers outside the training voices' range."""
+    if speed == 1.0:
+        return samples, entry
+    from audio_io.resample import resample
+
+    source_rate_hz = round(SAMPLE_RATE_HZ * speed)
+    if source_rate_hz <= 0:
+        raise ValueError(f"speed {speed} must be positive")
+    out = resample(samples, source_rate_hz, SAMPLE_RATE_HZ).astype(np.float32)
+    spans = [[int(start / speed), int(end / speed)] for start, end in entry.pause_spans]
+    return out, replace(entry, id=f"{entry.id}@speed{speed:g}", num_samples=int(out.shape[0]), pause_spans=spans)
+
+
 def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
                     limit: int | None = None, tail_chunks: int = 0,
-                    excluded_keys: frozenset[str] = frozenset()) -> list[Utterance]:
+                    excluded_keys: frozenset[str] = frozenset(), speed: float = 1.0) -> list[Utterance]:
     """Features of every entry of `split` whose kind is in `kinds` (first `limit` ones), leaving
-    out entries whose text's dedup key is in `excluded_keys`."""
+    out entries whose text's dedup key is in `excluded_keys`; `speed` != 1 speed-perturbs each
+    (`speed_perturbed`)."""
     entries = [e for e in read_manifest(data_dir, split)
                if e.kind in kinds and dedup_key(e.text) not in excluded_keys]
     if limit is not None:
         entries = entries[:limit]
-    return [Utterance(e, utterance_chunks(with_tail(load_wav(data_dir / e.wav), tail_chunks)))
-            for e in entries]
+    utts = []
+    for e in entries:
+        samples, entry = speed_perturbed(load_wav(data_dir / e.wav), e, speed)
+        utts.append(Utterance(entry, utterance_chunks(with_tail(samples, tail_chunks))))
+    return utts
 
 
 def held_out_texts(data_dir: Path) -> frozenset[str]:

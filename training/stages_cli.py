@@ -94,6 +94,9 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-data", type=Path, nargs="+", default=(),
                    help="more `train data` directories (e.g. another --seed) whose train turns are added, "
                         "less any text --data holds out for valid or test")
+    p.add_argument("--speed-perturb", type=float, nargs="+", default=(), metavar="FACTOR",
+                   help="add copies of --data's train turns played FACTOR times as fast (e.g. 0.9 1.1: "
+                        "pitch and tempo move together), for voices outside the training range")
     # No --bf16: the features must be the float32 states the engine's head reads.
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -162,7 +165,9 @@ def run_state_head(args: argparse.Namespace) -> int:
 
     _setup(args)
     return _report(fit_state_head(args.init, args.data, _llm_dir(args), args.out,
-                                  HeadFitConfig(train_limit=args.train_limit), tuple(args.extra_data)))
+                                  HeadFitConfig(train_limit=args.train_limit,
+                                                speed_factors=tuple(args.speed_perturb)),
+                                  tuple(args.extra_data)))
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -51,6 +51,9 @@ class HeadFitConfig:
     """L2 penalty on the (standardised) weights."""
     bias_offsets: tuple[float, ...] = tuple(float(x) for x in np.arange(-6.0, 3.01, 0.5))
     """Added to the respond and ignore biases after the fit (every pair is tried)."""
+    speed_factors: tuple[float, ...] = ()
+    """Extra speed-perturbed copies of `--data`'s train turns (`training.features.speed_perturbed`)
+    added to the fit; the choice is still made on the unperturbed valid split."""
     lbfgs_iterations: int = 300
     batch_turns: int = 8
     train_limit: int | None = None
@@ -81,7 +84,7 @@ def concat_features(parts: list[ChunkFeatures]) -> ChunkFeatures:
 
 @torch.no_grad()
 def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
-                     excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
+                     excluded_keys: frozenset[str] = frozenset(), speed: float = 1.0) -> ChunkFeatures:
     """One frozen forward pass per turn (batched by length), keeping the chunk-end states.
 
     The encoder and adapter run in eval mode, as in the engine: in training mode the adapter's
@@ -92,13 +95,14 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
     freeze(parts.adapter)
     utts = load_utterances(data_dir, split, DIALOGUE_KINDS,
                            config.train_limit if split == "train" else None, RESPONSE_WINDOW_CHUNKS,
-                           excluded_keys)
+                           excluded_keys, speed)
     if not utts:
         raise ValueError(f"{data_dir}: the {split} split holds no questions or non-queries")
     order = sorted(range(len(utts)), key=lambda i: utts[i].chunks.shape[0])
     per_turn: dict[int, tuple[Tensor, Tensor]] = {}  # turn -> (features, labels)
     lead = parts.heads.prompt_embeddings.weight
-    for start in tqdm(range(0, len(order), config.batch_turns), desc=f"state features ({split})",
+    label = split if speed == 1.0 else f"{split}, speed {speed:g}"
+    for start in tqdm(range(0, len(order), config.batch_turns), desc=f"state features ({label})",
                       unit="batch", leave=False):
         index = order[start:start + config.batch_turns]
         batch_utts = [utts[i] for i in index]
@@ -118,19 +122,21 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
 
 def cached_features(parts, turns, data_dir: Path, split: str, config: HeadFitConfig,
                     cache: Path, source_sha: str,
-                    excluded_keys: frozenset[str] = frozenset()) -> ChunkFeatures:
-    """`extract_features`, kept in `cache` for the same source result, manifest, split, limit and
-    exclusions."""
+                    excluded_keys: frozenset[str] = frozenset(), speed: float = 1.0) -> ChunkFeatures:
+    """`extract_features`, kept in `cache` for the same source result, manifest, split, limit,
+    exclusions and speed."""
     excluded = (hashlib.sha256("\n".join(sorted(excluded_keys)).encode()).hexdigest()
                 if excluded_keys else None)
     wanted = {"source_sha256": source_sha, "manifest_sha256": file_sha256(data_dir / "manifest.jsonl"),
               "split": split, "limit": config.train_limit, "excluded_sha256": excluded}
+    if speed != 1.0:  # absent for speed 1, so caches written before speed perturbation stay valid
+        wanted["speed"] = speed
     if cache.is_file():
         kept = torch.load(cache, map_location="cpu", weights_only=False)
         if all(kept.get(k) == v for k, v in wanted.items()):
             logger.info("state-head: reusing %s", cache)
             return kept["features"]
-    found = extract_features(parts, turns, data_dir, split, config, excluded_keys)
+    found = extract_features(parts, turns, data_dir, split, config, excluded_keys, speed)
     save_atomic({**wanted, "features": found}, cache)
     return found
 
@@ -254,6 +260,8 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     sha = file_sha256(source)
     train = cached_features(parts, turns, data_dir, "train", config, run_dir / "features-train.pt", sha)
     extra = extra_train_features(parts, turns, data_dir, extra_data, config, run_dir, sha)
+    extra += [cached_features(parts, turns, data_dir, "train", config, run_dir / f"features-train-speed{f:g}.pt",
+                              sha, speed=f) for f in config.speed_factors]
     train = concat_features([train, *extra])
     if any(e.kind in DIALOGUE_KINDS for e in read_manifest(data_dir, "valid")):
         valid = cached_features(parts, turns, data_dir, "valid", config, run_dir / "features-valid.pt", sha)
