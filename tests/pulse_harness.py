@@ -194,8 +194,11 @@ class PulseHarness:
                 stdout=sink_file, stderr=subprocess.DEVNULL, env=os.environ.copy())
         self.readers[name] = _Reader(process, path)
 
-    def wait_flowing(self, name: str, timeout_s: float = 5.0) -> None:
-        """Wait until the monitor reader of `name` receives audio."""
+    def wait_flowing(self, name: str, timeout_s: float = 15.0) -> None:
+        """Wait until the monitor reader of `name` receives audio.
+
+        A fresh null sink's first block takes about 2 s; 15 s because a CI machine busy with other
+        jobs once starved PulseAudio past 5 s. This waits for the test rig, it measures nothing."""
         path = self.readers[name].path
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
