@@ -552,6 +552,9 @@ def test_state_head_speed_perturbation_adds_sped_up_copies_of_the_train_turns(ch
     assert [e.id for e in cache["features"].entries] == [f"{e.id}@speed1.5" for e in plain["features"].entries]
     assert sped["train_turns"] == 2 * alone["train_turns"]
     assert alone["train_chunks"] < sped["train_chunks"] < 2 * alone["train_chunks"]  # 1.5x faster: fewer chunks
+    with pytest.raises(ValueError, match="positive and not 1"):
+        fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "same",
+                       replace(config, speed_factors=(1.0,)))
 
 
 def test_time_mask_hides_the_same_frames_in_overlapping_chunks() -> None:

@@ -251,6 +251,9 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
 
     `extra_data`: more data directories whose train splits add training turns (the choice is
     still made on `data_dir`'s valid split)."""
+    if any(f <= 0 or f == 1.0 for f in config.speed_factors):
+        raise ValueError(f"--speed-perturb {list(config.speed_factors)}: every factor must be positive and not 1 "
+                         "(the unperturbed turns are always in), e.g. 0.9 1.1")
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
     parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0)
     if previous["stage"] != 3:
