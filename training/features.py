@@ -114,10 +114,7 @@ def speed_perturbed(samples: np.ndarray, entry: ManifestEntry, speed: float) -> 
         return samples, entry
     from audio_io.resample import resample
 
-    source_rate_hz = round(SAMPLE_RATE_HZ * speed)
-    if source_rate_hz <= 0:
-        raise ValueError(f"speed {speed} must be positive")
-    out = resample(samples, source_rate_hz, SAMPLE_RATE_HZ).astype(np.float32)
+    out = resample(samples, round(SAMPLE_RATE_HZ * speed), SAMPLE_RATE_HZ).astype(np.float32)  # checks the rate
     spans = [[int(start / speed), int(end / speed)] for start, end in entry.pause_spans]
     return out, replace(entry, id=f"{entry.id}@speed{speed:g}", num_samples=int(out.shape[0]), pause_spans=spans)
 
