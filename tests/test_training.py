@@ -610,3 +610,38 @@ def test_stage3_cli_passes_loss_weights(monkeypatch, tmp_path):
     assert main([*base, "--state-loss-weight", "4", "--end-class-weight", "1.5"]) == 0
     assert (seen[0].state_loss_weight, seen[0].end_class_weight) == (1.0, 3.0)
     assert (seen[1].state_loss_weight, seen[1].end_class_weight) == (4.0, 1.5)
+
+
+def test_stage2_speed_perturbation_adds_copies_of_the_own_train_split_only(chain: dict, tmp_path: Path) -> None:
+    """`train stage2 --speed-perturb` adds one sped copy of --data's train utterances per factor;
+    --extra-data's utterances come in once, unperturbed; factor 1 is refused."""
+    from training.features import load_train_utterances
+
+    kinds = ("statement", "question", "nonquery")
+    extra = write_tiny_data(tmp_path / "extra", n=6)
+    plain = load_train_utterances(chain["data"], kinds, (extra,))
+    sped = load_train_utterances(chain["data"], kinds, (extra,), speed_factors=(0.8, 1.25))
+    own = [u.entry.id for u in load_train_utterances(chain["data"], kinds)]
+    ids = [u.entry.id for u in sped]
+    assert len(sped) == len(plain) + 2 * len(own)
+    assert sorted(i for i in ids if "@speed" in i) == sorted(f"{i}@speed{f}" for i in own for f in ("0.8", "1.25"))
+    frames = {u.entry.id: u.chunks.shape[0] for u in sped}
+    assert all(frames[f"{i}@speed0.8"] >= frames[i] >= frames[f"{i}@speed1.25"] for i in own)
+    assert sum(frames[f"{i}@speed0.8"] for i in own) > sum(frames[i] for i in own)
+    summary = train_stage2(chain["root"] / "run1", chain["data"], chain["llm_dir"], tmp_path / "run2",
+                           Stage2Config(loop=_loop(2), speed_factors=(1.25,)))
+    assert summary["train_utterances"] == 2 * len(own)
+    with pytest.raises(ValueError, match="positive and not 1"):
+        load_train_utterances(chain["data"], kinds, speed_factors=(1.0,))
+
+
+def test_stage2_cli_passes_speed_factors(monkeypatch, tmp_path):
+    import training.stage2_connect as stage2
+    from assistant.cli import main
+
+    seen = []
+    monkeypatch.setattr(stage2, "train_stage2", lambda init, data, llm, out, config: seen.append(config) or {})
+    base = ["train", "stage2", "--data", str(tmp_path), "--init", str(tmp_path), "--out", str(tmp_path / "r"),
+            "--llm-dir", str(tmp_path)]
+    assert main(base) == 0 and main([*base, "--speed-perturb", "0.9", "1.1"]) == 0
+    assert seen[0].speed_factors == () and seen[1].speed_factors == (0.9, 1.1)

@@ -119,6 +119,14 @@ def speed_perturbed(samples: np.ndarray, entry: ManifestEntry, speed: float) -> 
     return out, replace(entry, id=f"{entry.id}@speed{speed:g}", num_samples=int(out.shape[0]), pause_spans=spans)
 
 
+def check_speed_factors(factors: tuple[float, ...]) -> None:
+    """Refuse `--speed-perturb` factors that are not positive, or are 1 (the unperturbed
+    utterances are always in; a copy at 1 would only repeat them)."""
+    if any(f <= 0 or f == 1.0 for f in factors):
+        raise ValueError(f"--speed-perturb {list(factors)}: every factor must be positive and not 1 "
+                         "(the unperturbed utterances are always in), e.g. 0.9 1.1")
+
+
 def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
                     limit: int | None = None, tail_chunks: int = 0,
                     excluded_keys: frozenset[str] = frozenset(), speed: float = 1.0) -> list[Utterance]:
@@ -144,10 +152,14 @@ def held_out_texts(data_dir: Path) -> frozenset[str]:
 
 
 def load_train_utterances(data_dir: Path, kinds: tuple[str, ...], extra_data: tuple[Path, ...] = (),
-                          limit: int | None = None) -> list[Utterance]:
-    """`data_dir`'s train split (first `limit`), then the train splits of `extra_data` (other seeds
-    of `train data`: new texts, voices and noise) less every text `data_dir` holds out."""
+                          limit: int | None = None, speed_factors: tuple[float, ...] = ()) -> list[Utterance]:
+    """`data_dir`'s train split (first `limit`), a copy of it played at each of `speed_factors`
+    (`speed_perturbed`), then the train splits of `extra_data` (other seeds of `train data`: new
+    texts, voices and noise) less every text `data_dir` holds out."""
+    check_speed_factors(speed_factors)
     utts = load_utterances(data_dir, "train", kinds, limit)
+    for speed in speed_factors:
+        utts += load_utterances(data_dir, "train", kinds, limit, speed=speed)
     excluded = held_out_texts(data_dir) if extra_data else frozenset()
     for extra in extra_data:
         utts += load_utterances(extra, "train", kinds, excluded_keys=excluded)

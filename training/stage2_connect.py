@@ -58,6 +58,9 @@ class Stage2Config:
     """SpecAugment in stage 2: this many time masks per utterance ..."""
     time_mask_frames: int = 10
     """... each of up to this many fbank frames (10 ms each)."""
+    speed_factors: tuple[float, ...] = ()
+    """Extra copies of `data_dir`'s train utterances played this many times as fast (pitch and
+    tempo together; `training.features.speed_perturbed`), for voices outside the training range."""
 
 
 def answer_role(data_dir: Path) -> str:
@@ -142,8 +145,8 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     """Train encoder + adapter + transcribe vector; writes `run_dir/result.pt`."""
     torch.manual_seed(config.loop.seed)
     parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed)
-    train = [u for u in load_train_utterances(data_dir, TEXT_KINDS, config.extra_data, config.train_limit)
-             if u.entry.text]
+    train = [u for u in load_train_utterances(data_dir, TEXT_KINDS, config.extra_data, config.train_limit,
+                                              config.speed_factors) if u.entry.text]
     train.sort(key=lambda u: u.chunks.shape[0])
     end_id = turns.layout.end_of_turn_id
     targets = [target_ids(tokenizer, u.entry.text, end_id, config.max_text_tokens) for u in train]

@@ -67,6 +67,9 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
                    help="SpecAugment: one frequency mask of up to N mel bins per utterance (0: off)")
     p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: N time masks per utterance (0: off)")
     p.add_argument("--time-mask-frames", type=int, default=10, help="longest time mask, in 10 ms frames")
+    p.add_argument("--speed-perturb", type=float, nargs="+", default=(), metavar="FACTOR",
+                   help="add copies of --data's train utterances played FACTOR times as fast (e.g. 0.9 1.1: "
+                        "pitch and tempo move together), for voices outside the training range")
 
 
 def add_stage3(steps: argparse._SubParsersAction) -> None:
@@ -146,7 +149,7 @@ def run_stage2(args: argparse.Namespace) -> int:
     config = Stage2Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
                           encoder_frozen_steps=args.encoder_frozen_steps, extra_data=tuple(args.extra_data),
                           freq_mask_bins=args.freq_mask_bins, time_masks=args.time_masks,
-                          time_mask_frames=args.time_mask_frames)
+                          time_mask_frames=args.time_mask_frames, speed_factors=tuple(args.speed_perturb))
     return _report(train_stage2(args.init, args.data, _llm_dir(args), args.out, config))
 
 

@@ -30,7 +30,7 @@ from quantized_models.onnx_export import file_sha256
 from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
-from training.features import chunk_labels, held_out_texts, load_utterances
+from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances
 from training.llm_sequence import TurnItem
 from training.model_config import save_result
 from training.stage2_connect import audio_vectors, build_stage2
@@ -251,9 +251,7 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
 
     `extra_data`: more data directories whose train splits add training turns (the choice is
     still made on `data_dir`'s valid split)."""
-    if any(f <= 0 or f == 1.0 for f in config.speed_factors):
-        raise ValueError(f"--speed-perturb {list(config.speed_factors)}: every factor must be positive and not 1 "
-                         "(the unperturbed turns are always in), e.g. 0.9 1.1")
+    check_speed_factors(config.speed_factors)
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
     parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0)
     if previous["stage"] != 3:
