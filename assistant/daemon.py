@@ -154,6 +154,8 @@ class Daemon:
         preroll_chunks = -(-settings.vad.preroll_ms // int(MODEL_CHUNK_S * 1000))
         self._recent: deque[np.ndarray] = deque(maxlen=max(1, preroll_chunks))
         self._turn: _Turn | None = None
+        self._held_start = False
+        """The gate reported speech while barge-in was not allowed, and it has not stopped since."""
         self._controls: deque[Control] = deque()
         self._answer_times: TurnTimes | None = None
         self._answer_start_played = 0
@@ -181,7 +183,7 @@ class Daemon:
 
     def _recover(self) -> None:
         self.counters.recoveries += 1
-        self._turn, self._answer_times = None, None
+        self._turn, self._answer_times, self._held_start = None, None, False
         self._controls.clear()
         self.audio.flush_playback()
         self.conv.reset()
@@ -203,11 +205,17 @@ class Daemon:
     def _on_mic_chunk(self, chunk: np.ndarray, answering: bool) -> None:
         started, stopped = self.gate.speech_started(chunk)
         now = self.clock.monotonic()
-        if self._turn is None and started:
+        if self._turn is None and (started or (self._held_start and not stopped)):
             if answering and not self.barge_in.allows_barge_in:
-                started = False  # half duplex, or AEC not adapted yet: not a user turn
+                # Half duplex, or AEC not adapted yet: not a user turn yet. The gate reports a
+                # start only once, so remember it: a user still talking when barge-in becomes
+                # possible is heard then (with the pre-roll), not lost for the whole utterance.
+                self._held_start, started = not stopped, False
             else:
+                self._held_start, started = False, True
                 self._open_turn(on_fork=answering)
+        if stopped:
+            self._held_start = False
         if self._turn is None:
             self._recent.append(chunk)
             return

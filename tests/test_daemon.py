@@ -165,3 +165,46 @@ def test_a_blip_while_speaking_never_cuts_the_answer_in_vad_mode():
     daemon, conv, audio, _ = _daemon(real, [], settings=settings, speech_tokens=200)
     _run(daemon, 70)
     assert "commit_barge_in" in conv.names() and daemon.counters.barge_ins == 1
+
+
+class BargeInAfter:
+    """Barge-in allowed only from `at_s` on (echo control still adapting before)."""
+
+    def __init__(self, clock: FakeClock, at_s: float) -> None:
+        self.clock, self.at_s = clock, at_s
+
+    @property
+    def allows_barge_in(self) -> bool:
+        return self.clock.now >= self.at_s
+
+
+def _daemon_with_warmup(mic, script, warmup_until_s: float):
+    daemon, conv, audio, clock = _daemon(mic, script, speech_tokens=400)
+    daemon.barge_in = BargeInAfter(clock, warmup_until_s)
+    return daemon, conv, audio, clock
+
+
+def test_a_user_who_starts_talking_during_the_aec_warmup_still_cuts_in_after_it():
+    """The gate reports a start only once: speech begun while barge-in is not yet allowed opens
+    the turn as soon as it is, if the user is still talking (it was lost before, and a 2 s
+    question over the answer never cut in)."""
+    # answer from ~1.0 s; the interruption speaks from 1.44 s to 3.2 s; barge-in allowed from 2.2 s
+    mic = speech_chunks(3) + silence_chunks(6) + speech_chunks(11) + silence_chunks(30)
+    daemon, conv, audio, clock = _daemon_with_warmup(mic, [(Decision.RESPOND, 2), (Decision.RESPOND, 3)], 2.2)
+    opened_at = None
+    for _ in range(50):
+        daemon.tick()
+        if opened_at is None and daemon.counters.interruptions_heard:
+            opened_at = clock.now
+    assert opened_at is not None and 2.2 <= opened_at < 2.2 + 0.16 + 1e-9, "heard when allowed, not later"
+    assert daemon.counters.barge_ins == 1 and "commit_barge_in" in conv.names()
+
+
+def test_speech_that_ends_inside_the_warmup_opens_no_turn():
+    """Echo residue while AEC adapts (speech that stops before barge-in is allowed) is dropped,
+    and a later quiet stretch does not revive it."""
+    mic = speech_chunks(3) + silence_chunks(6) + speech_chunks(2) + silence_chunks(40)
+    daemon, conv, audio, _ = _daemon_with_warmup(mic, [(Decision.RESPOND, 2), (Decision.RESPOND, 1)], 2.5)
+    _run(daemon, 50)
+    assert daemon.counters.interruptions_heard == 0 and daemon.counters.barge_ins == 0
+    assert audio.flushes == [] and "begin_barge_in" not in conv.names()
