@@ -212,7 +212,7 @@ class Daemon:
                 # possible is heard then (with the pre-roll), not lost for the whole utterance.
                 self._held_start, started = not stopped, False
             else:
-                self._held_start, started = False, True
+                self._held_start = False
                 self._open_turn(on_fork=answering)
         if stopped:
             self._held_start = False
