@@ -12,6 +12,12 @@ from pathlib import Path
 from training.common import LoopConfig
 
 
+def _add_speed_perturb(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--speed-perturb", type=float, nargs="+", default=(), metavar="FACTOR",
+                   help=f"add copies of --data's train {what} played FACTOR times as fast (e.g. 0.9 1.1: "
+                        "pitch and tempo move together), for voices outside the training range")
+
+
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, loss.csv, result.pt)")
     p.add_argument("--steps", type=int, default=steps)
@@ -67,9 +73,7 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
                    help="SpecAugment: one frequency mask of up to N mel bins per utterance (0: off)")
     p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: N time masks per utterance (0: off)")
     p.add_argument("--time-mask-frames", type=int, default=10, help="longest time mask, in 10 ms frames")
-    p.add_argument("--speed-perturb", type=float, nargs="+", default=(), metavar="FACTOR",
-                   help="add copies of --data's train utterances played FACTOR times as fast (e.g. 0.9 1.1: "
-                        "pitch and tempo move together), for voices outside the training range")
+    _add_speed_perturb(p, "utterances")
 
 
 def add_stage3(steps: argparse._SubParsersAction) -> None:
@@ -97,9 +101,7 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-data", type=Path, nargs="+", default=(),
                    help="more `train data` directories (e.g. another --seed) whose train turns are added, "
                         "less any text --data holds out for valid or test")
-    p.add_argument("--speed-perturb", type=float, nargs="+", default=(), metavar="FACTOR",
-                   help="add copies of --data's train turns played FACTOR times as fast (e.g. 0.9 1.1: "
-                        "pitch and tempo move together), for voices outside the training range")
+    _add_speed_perturb(p, "turns")
     # No --bf16: the features must be the float32 states the engine's head reads.
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
