@@ -38,6 +38,11 @@ class CodecEncoder:
     def tokens_per_s(self) -> float:
         return self.codec.dims.tokens_per_s
 
+    @property
+    def codebook(self) -> np.ndarray:
+        """[n_codes, D] code vectors in the normalised, weighted space the ids were clustered in."""
+        return self.codec.codebook
+
     def encode_wav(self, samples: np.ndarray, rate_hz: int) -> np.ndarray:
         """Mono float pcm [S] at `rate_hz` -> ids int64 [ceil(S * sample_rate_hz / rate_hz / spt)]."""
         if rate_hz <= 0:

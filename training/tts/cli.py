@@ -62,6 +62,11 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-data", type=Path, nargs="+", default=(),
                    help="more banks or data directories (e.g. `train data --seed 1`) whose train texts are "
                         "added, less any text --data holds out for valid or test")
+    p.add_argument("--neighbour-smoothing", type=float, default=0.0,
+                   help="share (0..1) of each target id's probability spread over the ids whose codebook "
+                        "vectors lie near it, so acoustically close guesses cost less (default 0: one-hot)")
+    p.add_argument("--neighbour-temperature", type=float, default=1.0,
+                   help="width of that spread, in median nearest-neighbour squared distances (default 1)")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -111,7 +116,9 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
                               max_codec_tokens=args.max_codec_tokens,
                               train_limit=args.train_limit, speech_cache=args.speech_cache, init=args.init,
                               extra_data=tuple(args.extra_data), own_input_rate=args.own_input_rate,
-                              own_input_passes=args.own_input_passes)
+                              own_input_passes=args.own_input_passes,
+                              neighbour_smoothing=args.neighbour_smoothing,
+                              neighbour_temperature_nn=args.neighbour_temperature)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 

@@ -205,8 +205,43 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     return inputs
 
 
-def token_loss(out: DecoderTargets) -> tuple[Tensor, dict[str, float]]:
-    """Mean cross-entropy per target (nats) and the next-token accuracy."""
-    loss = F.cross_entropy(out.logits.float(), out.targets)
+def token_loss(out: DecoderTargets, soft_targets: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Mean cross-entropy per target (nats) and the next-token accuracy.
+
+    `soft_targets` [V, V] (`neighbour_targets`): row y is the target distribution when the target
+    id is y, instead of one-hot y."""
+    logits = out.logits.float()
+    if soft_targets is None:
+        loss = F.cross_entropy(logits, out.targets)
+    else:
+        rows = soft_targets.to(logits.device)[out.targets]  # [K, V]
+        loss = -(rows * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     acc = (out.logits.argmax(-1) == out.targets).float().mean().item()
     return loss, {"token_acc": acc}
+
+
+def neighbour_targets(codebook: Tensor, vocab: int, smoothing: float, temperature_nn: float) -> Tensor:
+    """[vocab, vocab] target rows that give a share `smoothing` of each codec id's probability to
+    the other codec ids, by closeness of their codebook vectors (special ids stay one-hot).
+
+    Why: a wrong id that decodes to nearly the same sound costs the listener little, a distant one
+    costs a word; plain cross-entropy punishes both alike. The weights of the other ids are
+    softmax(-d^2 / (temperature_nn * m)), m the median squared distance of a code to its nearest
+    other code, so the temperature does not depend on the codebook's units.
+
+    Args:
+        codebook: [n_codes, D] codec vectors in the space the codec was clustered in.
+    """
+    if not 0.0 <= smoothing < 1.0 or temperature_nn <= 0:
+        raise ValueError(f"need 0 <= smoothing < 1 and temperature_nn > 0, got {smoothing}, {temperature_nn}")
+    book = codebook.double()
+    n_codes = book.shape[0]
+    if n_codes > vocab:
+        raise ValueError(f"the codebook has {n_codes} codes but the decoder predicts only {vocab} ids")
+    dist = torch.cdist(book, book).square()  # [K, K]
+    dist.fill_diagonal_(float("inf"))
+    nearest = dist.min(dim=1).values.median().clamp_min(1e-12)
+    neighbours = torch.softmax(-dist / (temperature_nn * nearest), dim=1)  # zero on the diagonal
+    rows = torch.eye(vocab, dtype=torch.float64)
+    rows[:n_codes, :n_codes] = (1.0 - smoothing) * rows[:n_codes, :n_codes] + smoothing * neighbours
+    return rows.float()

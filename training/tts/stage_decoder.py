@@ -20,7 +20,12 @@ from assistant.segmentation import normalize_tts_text
 from quantized_models.speech_decoder import SpeechDecoder
 from training.common import LoopConfig, batch_rng, train_loop
 from training.llm_sequence import load_frozen_llm
-from training.tts.decoder_forward import own_prediction_inputs, teacher_forced_logits, token_loss
+from training.tts.decoder_forward import (
+    neighbour_targets,
+    own_prediction_inputs,
+    teacher_forced_logits,
+    token_loss,
+)
 from training.tts.decoder_model import (
     RESULT_NAME,
     DecoderExample,
@@ -82,12 +87,20 @@ class TtsDecoderConfig:
     sampling, `own_prediction_inputs`); 0: plain teacher forcing."""
     own_input_passes: int = 1
     """Prediction passes per batch for the swapped ids (> 1: guesses made on guesses)."""
+    neighbour_smoothing: float = 0.0
+    """Share of each target id's probability given to ids with nearby codebook vectors
+    (`neighbour_targets`); 0: one-hot targets. Needs a codec with a `codebook`."""
+    neighbour_temperature_nn: float = 1.0
+    """Width of that spread, in median nearest-neighbour squared distances of the codebook."""
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
 
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
+        if not 0.0 <= self.neighbour_smoothing < 1.0 or self.neighbour_temperature_nn <= 0:
+            raise ValueError("neighbour_smoothing must lie in [0, 1) and neighbour_temperature_nn be positive, "
+                             f"not {self.neighbour_smoothing} and {self.neighbour_temperature_nn}")
 
 
 def check_own_input_rate(rate: float, passes: int = 1) -> None:
@@ -122,10 +135,12 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
 
 
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
-                       dropout: float, own_input_rate: float = 0.0, own_input_passes: int = 1
+                       dropout: float, own_input_rate: float = 0.0, own_input_passes: int = 1,
+                       soft_targets: Tensor | None = None
                        ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
-    (with `own_input_rate` of the inputs replaced by the decoder's own predictions)."""
+    (with `own_input_rate` of the inputs replaced by the decoder's own predictions, and the
+    targets of `soft_targets` when given)."""
     size = min(batch_pairs, len(examples))
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
@@ -135,9 +150,20 @@ def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int
         if own_input_rate > 0:
             batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng,
                                                        own_input_passes)
-        return token_loss(teacher_forced_logits(decoder, batch, dropout))
+        return token_loss(teacher_forced_logits(decoder, batch, dropout), soft_targets)
 
     return step_fn
+
+
+def codebook_targets(codec: Any, config: TtsDecoderConfig, vocab: int) -> Tensor | None:
+    """`neighbour_targets` of the codec's codebook, or None when `neighbour_smoothing` is 0."""
+    if config.neighbour_smoothing == 0:
+        return None
+    book = getattr(codec, "codebook", None)
+    if book is None:
+        raise ValueError("--neighbour-smoothing needs a codec with a codebook (a WORLD VQ codec)")
+    return neighbour_targets(torch.as_tensor(np.asarray(book)), vocab, config.neighbour_smoothing,
+                             config.neighbour_temperature_nn)
 
 
 @torch.no_grad()
@@ -194,7 +220,8 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),
                 decoder.dims.idim, decoder.dims.odim)
     step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
-                                 config.own_input_rate, config.own_input_passes)
+                                 config.own_input_rate, config.own_input_passes,
+                                 codebook_targets(codec, config, decoder.dims.vocab_size))
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {
