@@ -79,8 +79,10 @@ def test_tts_decoder_cli_passes_the_smoothing(monkeypatch, tmp_path: Path) -> No
 
     seen = []
     monkeypatch.setattr(cli, "_setup", lambda args: (object(), tmp_path))
-    monkeypatch.setattr(stage, "train_tts_decoder", lambda data, codec, llm, out, config: seen.append(config) or {})
-    base = ["train", "tts-decoder", "--data", str(tmp_path), "--codec-dir", str(tmp_path), "--out", str(tmp_path)]
+    monkeypatch.setattr(stage, "train_tts_decoder",
+                        lambda data, codec, llm, out, config: seen.append(config) or {})
+    base = ["train", "tts-decoder", "--data", str(tmp_path), "--codec-dir", str(tmp_path),
+            "--out", str(tmp_path)]
     assert main(base) == 0
     assert main([*base, "--neighbour-smoothing", "0.2", "--neighbour-temperature", "2"]) == 0
     assert (seen[0].neighbour_smoothing, seen[0].neighbour_temperature_nn) == (0.0, 1.0)

@@ -99,8 +99,8 @@ class TtsDecoderConfig:
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
         if not 0.0 <= self.neighbour_smoothing < 1.0 or self.neighbour_temperature_nn <= 0:
-            raise ValueError("neighbour_smoothing must lie in [0, 1) and neighbour_temperature_nn be positive, "
-                             f"not {self.neighbour_smoothing} and {self.neighbour_temperature_nn}")
+            raise ValueError("neighbour_smoothing must lie in [0, 1) and neighbour_temperature_nn be "
+                             f"positive, not {self.neighbour_smoothing} and {self.neighbour_temperature_nn}")
 
 
 def check_own_input_rate(rate: float, passes: int = 1) -> None:
