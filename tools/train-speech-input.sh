@@ -40,6 +40,19 @@ if [ "${STAGE2_BOTH_STEPS:-5000}" -gt 0 ] && [ ${#EXTRA_DATA[@]} -gt 0 ]; then
         --steps "${STAGE2_BOTH_STEPS:-5000}" --warmup-steps 50 --checkpoint-every 100
     STAGE2="$WORK/stage2-both"
 fi
+# Then one more data set at a time, SEED:STEPS (STAGE2_MORE= leaves it out), each continuation on every
+# set so far: the committed model's stage 2 went on with seed 2 for 5,000 steps and seed 3 for 2,000.
+ALL_DATA=(${EXTRA_DATA[@]+"${EXTRA_DATA[@]}"})
+for item in ${STAGE2_MORE-2:5000 3:2000}; do
+    seed=${item%%:*}
+    [ -f "$WORK/data-seed$seed/manifest.jsonl" ] || freeze-omni train data --size full --seed "$seed" \
+        --out "$WORK/data-seed$seed"
+    ALL_DATA+=("$WORK/data-seed$seed")
+    [ -f "$WORK/stage2-seed$seed/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$STAGE2" \
+        --extra-data "${ALL_DATA[@]}" --out "$WORK/stage2-seed$seed" --threads "$THREADS" $PRECISION \
+        --steps "${item##*:}" --warmup-steps 50 --checkpoint-every 100
+    STAGE2="$WORK/stage2-seed$seed"
+done
 [ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$STAGE2" \
     --out "$WORK/stage3" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
     --checkpoint-every 100
