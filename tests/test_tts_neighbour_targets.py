@@ -70,6 +70,8 @@ def test_codebook_targets_come_from_the_codec_only_when_asked() -> None:
 def test_bad_settings_are_refused(smoothing: float, temperature: float) -> None:
     with pytest.raises(ValueError, match="neighbour"):
         TtsDecoderConfig(neighbour_smoothing=smoothing, neighbour_temperature_nn=temperature)
+    with pytest.raises(ValueError, match="neighbour"):
+        neighbour_targets(LINE_BOOK, VOCAB, smoothing, temperature)
 
 
 def test_tts_decoder_cli_passes_the_smoothing(monkeypatch, tmp_path: Path) -> None:

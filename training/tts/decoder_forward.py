@@ -220,6 +220,13 @@ def token_loss(out: DecoderTargets, soft_targets: Tensor | None = None) -> tuple
     return loss, {"token_acc": acc}
 
 
+def check_neighbour_smoothing(smoothing: float, temperature_nn: float) -> None:
+    """ValueError unless `smoothing` lies in [0, 1) and `temperature_nn` is positive."""
+    if not 0.0 <= smoothing < 1.0 or temperature_nn <= 0:
+        raise ValueError("neighbour smoothing must lie in [0, 1) and its temperature be positive, "
+                         f"not {smoothing} and {temperature_nn}")
+
+
 def neighbour_targets(codebook: Tensor, vocab: int, smoothing: float, temperature_nn: float) -> Tensor:
     """[vocab, vocab] target rows that give a share `smoothing` of each codec id's probability to
     the other codec ids, by closeness of their codebook vectors (special ids stay one-hot).
@@ -232,8 +239,7 @@ def neighbour_targets(codebook: Tensor, vocab: int, smoothing: float, temperatur
     Args:
         codebook: [n_codes, D] codec vectors in the space the codec was clustered in.
     """
-    if not 0.0 <= smoothing < 1.0 or temperature_nn <= 0:
-        raise ValueError(f"need 0 <= smoothing < 1 and temperature_nn > 0, got {smoothing}, {temperature_nn}")
+    check_neighbour_smoothing(smoothing, temperature_nn)
     book = codebook.double()
     n_codes = book.shape[0]
     if n_codes > vocab:

@@ -21,6 +21,7 @@ from quantized_models.speech_decoder import SpeechDecoder
 from training.common import LoopConfig, batch_rng, train_loop
 from training.llm_sequence import load_frozen_llm
 from training.tts.decoder_forward import (
+    check_neighbour_smoothing,
     neighbour_targets,
     own_prediction_inputs,
     teacher_forced_logits,
@@ -98,9 +99,7 @@ class TtsDecoderConfig:
 
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
-        if not 0.0 <= self.neighbour_smoothing < 1.0 or self.neighbour_temperature_nn <= 0:
-            raise ValueError("neighbour_smoothing must lie in [0, 1) and neighbour_temperature_nn be "
-                             f"positive, not {self.neighbour_smoothing} and {self.neighbour_temperature_nn}")
+        check_neighbour_smoothing(self.neighbour_smoothing, self.neighbour_temperature_nn)
 
 
 def check_own_input_rate(rate: float, passes: int = 1) -> None:
