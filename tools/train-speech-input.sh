@@ -15,13 +15,15 @@ THREADS=${THREADS:-1}
 # bfloat16 autocast: 1.5-2x faster on CPUs with AVX512-BF16 or AMX (on other CPUs the stages warn and
 # train in float32, since emulated bf16 is over 10x slower); set PRECISION= to train in float32.
 PRECISION=${PRECISION---bf16}
+# DEVICE: torch device of every stage and evaluation (cpu, or cuda on a GPU machine).
+DEVICE=${DEVICE:-cpu}
 mkdir -p "$WORK"
 [ -f "$WORK/data/manifest.jsonl" ] || freeze-omni train data --size full --seed 0 --out "$WORK/data"
 [ -f "$WORK/stage1/result.pt" ] || freeze-omni train stage1 --data "$WORK/data" --out "$WORK/stage1" \
-    --threads "$THREADS" $PRECISION --dim 128 --heads 4 --ffn 512 --blocks 8 \
+    --device "$DEVICE" --threads "$THREADS" $PRECISION --dim 128 --heads 4 --ffn 512 --blocks 8 \
     --steps "$STAGE1_STEPS" --lr 2e-3 --warmup-steps 300 --checkpoint-every 250 --log-every 50
 [ -f "$WORK/stage2/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$WORK/stage1" \
-    --out "$WORK/stage2" --threads "$THREADS" $PRECISION --steps "$STAGE2_STEPS" --warmup-steps 100 \
+    --out "$WORK/stage2" --device "$DEVICE" --threads "$THREADS" $PRECISION --steps "$STAGE2_STEPS" --warmup-steps 100 \
     --encoder-frozen-steps "$STAGE2_ENCODER_FROZEN_STEPS" --checkpoint-every 100
 # A second data set (seed 1: other renderings and texts; its texts that seed 0 holds out are left out)
 # serves stage 2's continuation and the state-head refit. HEAD_EXTRA_SEEDS= uses seed 0's data alone.
@@ -36,7 +38,7 @@ done
 STAGE2="$WORK/stage2"
 if [ "${STAGE2_BOTH_STEPS:-5000}" -gt 0 ] && [ ${#EXTRA_DATA[@]} -gt 0 ]; then
     [ -f "$WORK/stage2-both/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$WORK/stage2" \
-        --extra-data "${EXTRA_DATA[@]}" --out "$WORK/stage2-both" --threads "$THREADS" $PRECISION \
+        --extra-data "${EXTRA_DATA[@]}" --out "$WORK/stage2-both" --device "$DEVICE" --threads "$THREADS" $PRECISION \
         --steps "${STAGE2_BOTH_STEPS:-5000}" --warmup-steps 50 --checkpoint-every 100
     STAGE2="$WORK/stage2-both"
 fi
@@ -49,18 +51,18 @@ for item in ${STAGE2_MORE-2:5000 3:2000}; do
         --out "$WORK/data-seed$seed"
     ALL_DATA+=("$WORK/data-seed$seed")
     [ -f "$WORK/stage2-seed$seed/result.pt" ] || freeze-omni train stage2 --data "$WORK/data" --init "$STAGE2" \
-        --extra-data "${ALL_DATA[@]}" --out "$WORK/stage2-seed$seed" --threads "$THREADS" $PRECISION \
+        --extra-data "${ALL_DATA[@]}" --out "$WORK/stage2-seed$seed" --device "$DEVICE" --threads "$THREADS" $PRECISION \
         --steps "${item##*:}" --warmup-steps 50 --checkpoint-every 100
     STAGE2="$WORK/stage2-seed$seed"
 done
 [ -f "$WORK/stage3/result.pt" ] || freeze-omni train stage3 --data "$WORK/data" --init "$STAGE2" \
-    --out "$WORK/stage3" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
+    --out "$WORK/stage3" --device "$DEVICE" --threads "$THREADS" $PRECISION --steps "$STAGE3_STEPS" --warmup-steps 30 \
     --checkpoint-every 100
 # The state head refitted on cached chunk features (encoder, adapter, prompts and LLM are frozen by now),
 # with the train turns of the extra data sets too.
 [ -f "$WORK/state-head/result.pt" ] || freeze-omni train state-head --data "$WORK/data" --init "$WORK/stage3" \
-    --out "$WORK/state-head" --threads "$THREADS" ${EXTRA_DATA[@]+--extra-data "${EXTRA_DATA[@]}"}
+    --out "$WORK/state-head" --device "$DEVICE" --threads "$THREADS" ${EXTRA_DATA[@]+--extra-data "${EXTRA_DATA[@]}"}
 freeze-omni train export --init "$WORK/state-head" --out "$OUT"
-freeze-omni eval asr --model-dir "$OUT" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
-freeze-omni eval states --model-dir "$OUT" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
+freeze-omni eval asr --model-dir "$OUT" --device "$DEVICE" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
+freeze-omni eval states --model-dir "$OUT" --device "$DEVICE" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
     | tee "$WORK/eval_states.json"

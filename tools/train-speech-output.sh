@@ -2,7 +2,8 @@
 # The speech-output recipe (training issue part 2, after the codec): tts-decoder, tts-prefix,
 # export beside the codec, `say`, evaluation. Every step resumes when re-run with the same WORK.
 #   bash tools/train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]
-# Sizes are for a shared 2-core CPU (see training/README.md, "Speech output"); raise them on a GPU.
+# Sizes are for a shared 2-core CPU (see training/README.md, "Speech output"); raise them on a GPU
+# (DEVICE=cuda runs the training steps there).
 set -euo pipefail
 WORK=${1:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
 CODEC=${2:?usage: train-speech-output.sh WORK_DIR CODEC_DIR [MODEL_OUT]}
@@ -25,7 +26,7 @@ mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
     --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr "${DECODER_LR:-2e-3}" --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}" "${PAIR_ARGS[@]}"
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}" "${PAIR_ARGS[@]}"
 # OWN_INPUT_RATES: continuations of the decoder on its own greedy predictions as inputs (scheduled
 # sampling), one per rate, OWN_INPUT_STEPS each; the engine feeds back the decoder's own ids, and a
 # purely teacher-forced decoder drifts (training/README.md). OWN_INPUT_RATES= leaves them out.
@@ -38,13 +39,13 @@ for RATE in ${OWN_INPUT_RATES-0.5 0.9}; do
     [ -f "$RUN/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" --init "$DECODER" \
         --out "$RUN" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" --own-input-rate "$RATE" \
         --steps "${OWN_INPUT_STEPS:-2000}" --batch 8 --lr 1e-3 --warmup-steps 50 --checkpoint-every 25 \
-        --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}" "${PAIR_ARGS[@]}"
+        --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" "${PAIR_ARGS[@]}"
     DECODER="$RUN"
 done
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$DECODER" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" --own-input-rate "$RATE" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
-    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --threads "${THREADS:-1}"
+    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}"
 freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
 freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
     --output "$WORK/say.wav"

@@ -63,12 +63,38 @@ class LoopConfig:
     """Run each step's forward under bfloat16 autocast (weights and optimizer stay float32).
     On a CPU with AVX512-BF16 it made a stage-1 step 1.5-2x faster here; a CPU without native
     bfloat16 emulates it over 10x slower, so there the loop warns and trains in float32."""
+    device: str = "cpu"
+    """Torch device every trained module, the frozen LLM and each batch live on ("cpu", "cuda",
+    "cuda:1"); checkpoints and results are written with CPU tensors either way."""
 
     def validate(self) -> None:
         if self.steps < 1 or self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
             raise ValueError("steps, checkpoint_every_steps and log_every_steps must be at least 1")
         if not self.lr > 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be positive and warmup_steps non-negative")
+        training_device(self.device)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return training_device(self.device)
+
+
+def training_device(name: str) -> torch.device:
+    """The torch device `name` names, refused with a fix when this machine cannot use it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {name!r} is not a torch device name: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no usable CUDA device (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: training runs on cpu or cuda devices only")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -160,13 +186,19 @@ class _StopFlag:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on a GPU draws from these
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -259,6 +291,20 @@ def _resume(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Op
     return int(ckpt["step"])
 
 
+def check_on_device(modules: Iterable[nn.Module], device: torch.device) -> None:
+    """Refuse modules with a parameter or buffer off `device` (a stage forgot to move it)."""
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not _same_device(tensor.device, device):
+                raise RuntimeError(f"{type(module).__name__}.{name} is on {tensor.device}, the run on {device}")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" means the current CUDA device; a tensor's device always carries its index.
+    index = lambda d: d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()  # noqa: E731
+    return a.type == b.type and index(a) == index(b)
+
+
 def train_loop(
     run_dir: Path,
     modules: dict[str, nn.Module],
@@ -280,6 +326,7 @@ def train_loop(
     config.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
     frozen = list(frozen)
+    check_on_device([*modules.values(), *frozen], config.torch_device)
     sums = [assert_frozen(m) for m in frozen]
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     if not params:

@@ -35,6 +35,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="trained model directory (released layout)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
+    p.add_argument("--device", default="cpu", help="torch device of the models: cpu (default), cuda or cuda:N")
 
 
 def _llm_dir(args: argparse.Namespace) -> Path:
@@ -49,8 +50,9 @@ def _load(args: argparse.Namespace):
     import torch
 
     from quantized_models.model_dir import load_models
+    from training.common import training_device
 
-    return load_models(args.model_dir, _llm_dir(args), torch.device("cpu"), torch.float32)
+    return load_models(args.model_dir, _llm_dir(args), training_device(args.device), torch.float32)
 
 
 def run_eval(args: argparse.Namespace) -> int:

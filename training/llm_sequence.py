@@ -116,12 +116,13 @@ class TurnLayout:
                 token_targets += targets
             sequences.append(torch.cat(parts))
         lengths = [s.shape[0] for s in sequences]
-        embeds = torch.zeros(len(items), max(lengths), head.shape[1], dtype=head.dtype)
+        device = head.device
+        embeds = torch.zeros(len(items), max(lengths), head.shape[1], dtype=head.dtype, device=device)
         for row, seq in enumerate(sequences):
             embeds[row, : seq.shape[0]] = seq
-        as_rows = lambda rows: torch.tensor(rows, dtype=torch.long).reshape(-1, 2)  # noqa: E731
-        return LaidOutBatch(embeds, as_rows(token_rows), torch.tensor(token_targets, dtype=torch.long),
-                            as_rows(state_rows), torch.tensor(state_targets, dtype=torch.long), lengths)
+        longs = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return LaidOutBatch(embeds, longs(token_rows).reshape(-1, 2), longs(token_targets),
+                            longs(state_rows).reshape(-1, 2), longs(state_targets), lengths)
 
     def _system_prefix(self, rows: int) -> Any:
         """KV cache of the system header + role (as `prefill_system` leaves it), for `rows` rows."""

@@ -125,7 +125,19 @@ class AudioLlmParts:
             state |= {ADAPTER_PREFIX + k: v for k, v in self.adapter.state_dict().items()}
         if self.heads is not None:
             state |= dict(self.heads.state_dict())
-        return {k: v.detach().clone() for k, v in state.items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # results are CPU files
+
+    @property
+    def device(self) -> torch.device:
+        """Where the modules live (they move together: `to`)."""
+        return next(self.encoder.parameters()).device
+
+    def to(self, device: torch.device) -> "AudioLlmParts":
+        """Move every existing module to `device`."""
+        for module in (self.encoder, self.adapter, self.heads):
+            if module is not None:
+                module.to(device)
+        return self
 
 
 def save_result(path: Path, stage: int, parts: AudioLlmParts, cmvn: dict, extra: dict | None = None) -> None:

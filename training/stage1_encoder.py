@@ -152,9 +152,10 @@ def ctc_loss(model: CtcModel, chunks: Tensor, counts: Tensor, targets: list[list
              positions: Tensor, visible: Tensor) -> Tensor:
     """Mean CTC loss per target symbol (utterances too short for their text count 0)."""
     log_probs = model.log_probs(chunks, positions, visible)  # [B, T, V]
-    frames = counts * model.encoder.dims.chunk_frames
-    flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long)
-    lengths = torch.tensor([len(t) for t in targets])
+    device = log_probs.device
+    frames = counts.to(device) * model.encoder.dims.chunk_frames
+    flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(t) for t in targets], device=device)
     return nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, frames, lengths,
                                   blank=CharVocab.BLANK, zero_infinity=True)
 
@@ -163,9 +164,10 @@ def ctc_loss(model: CtcModel, chunks: Tensor, counts: Tensor, targets: list[list
 def char_error_rate(model: CtcModel, utts: list[Utterance], vocab: CharVocab) -> float:
     """Greedy CTC character error rate under the deployed streaming mask."""
     errors = total = 0
+    device = model.ctc_head.weight.device
     for u in utts:
-        positions, visible = model.encoder.offline_positions(u.chunks.shape[0], torch.device("cpu"))
-        best = model.log_probs(u.chunks.unsqueeze(0), positions, visible)[0].argmax(-1).tolist()
+        positions, visible = model.encoder.offline_positions(u.chunks.shape[0], device)
+        best = model.log_probs(u.chunks.unsqueeze(0).to(device), positions, visible)[0].argmax(-1).tolist()
         ref = vocab.decode(vocab.encode(u.entry.text))
         errors += _edit_distance(vocab.greedy(best), ref)
         total += max(1, len(ref))
@@ -193,6 +195,8 @@ def train_stage1(data_dir: Path, run_dir: Path, config: Stage1Config) -> dict:
     parts = AudioLlmParts.build(encoder_train_yaml(config.geometry, len(vocab)), cmvn)
     model = CtcModel(parts.encoder, len(vocab))
     model.encoder.global_cmvn.requires_grad_(False)
+    device = config.loop.torch_device
+    model.to(device)
     batches = _Batches(train, vocab, config.batch_utterances)
     mean, _ = cmvn_tensors(cmvn)
     logger.info("stage 1: %d train / %d valid utterances, %d encoder parameters", len(train), len(valid),
@@ -203,8 +207,9 @@ def train_stage1(data_dir: Path, run_dir: Path, config: Stage1Config) -> dict:
         index = batches.draw(rng)
         chunks, counts = pad_chunks([batches.utts[i] for i in index])
         chunks = freq_mask(chunks, mean, config.freq_mask_bins, rng)
-        positions, visible, kind = draw_mask(model.encoder, rng, counts, config)
-        loss = ctc_loss(model, chunks, counts, [batches.targets[i] for i in index], positions, visible)
+        positions, visible, kind = draw_mask(model.encoder, rng, counts, config)  # built on the CPU
+        loss = ctc_loss(model, chunks.to(device), counts, [batches.targets[i] for i in index],
+                        positions.to(device), visible.to(device))
         return loss, {"ctc_loss": loss.item(), "streaming_mask": float(kind == "streaming")}
 
     result = train_loop(run_dir, {"ctc_model": model}, step_fn, config.loop, title="stage 1: CTC loss")

@@ -94,7 +94,9 @@ def audio_vectors(parts: AudioLlmParts, utts: list[Utterance], encoder_grad: boo
 def padded_audio_vectors(parts: AudioLlmParts, chunks: Tensor, counts: Tensor,
                          encoder_grad: bool = True) -> list[Tensor]:
     """`audio_vectors` of a padded batch ([B, N_max, 19, M] chunks, [B] chunk counts)."""
-    positions, visible = parts.encoder.offline_positions(chunks.shape[1], chunks.device)
+    device = parts.device
+    chunks = chunks.to(device)
+    positions, visible = parts.encoder.offline_positions(chunks.shape[1], device)
     with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
         enc = parts.encoder.forward_masked(chunks, positions, visible)  # [B, 4 N, D]
     vectors = parts.adapter.forward_full(enc)  # [B, 2 N, H]
@@ -115,8 +117,10 @@ def augmented(utts: list[Utterance], mean: Tensor, config: Stage2Config,
     return chunks, counts
 
 
-def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
-    """(parts, causal_lm, tokenizer, turns) with the stage-1 encoder and fresh LLM-side modules."""
+def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int,
+                 device: torch.device = torch.device("cpu")):
+    """(parts, previous, causal_lm, tokenizer, turns): the previous stage's modules (fresh LLM-side
+    ones after stage 1) and the frozen LLM, all on `device`."""
     previous = load_result(init)
     causal_lm, tokenizer = load_frozen_llm(llm_dir)
     cfg = previous["train_yaml"]
@@ -129,6 +133,8 @@ def build_stage2(init: Path, data_dir: Path, llm_dir: Path, seed: int):
         table = causal_lm.get_input_embeddings().weight
         init_like_tokens(parts.heads.task_embeddings.weight, table, gen)
         init_like_tokens(parts.heads.prompt_embeddings.weight, table, gen)
+    parts.to(device)
+    causal_lm.to(device)
     layout = ChatLayout.from_template(cfg["model_conf"]["chat_template"], tokenizer)
     return parts, previous, causal_lm, tokenizer, TurnLayout(causal_lm, tokenizer, layout)
 
@@ -144,7 +150,8 @@ def transcribe_items(parts: AudioLlmParts, padded: tuple[Tensor, Tensor], target
 def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: Stage2Config) -> dict:
     """Train encoder + adapter + transcribe vector; writes `run_dir/result.pt`."""
     torch.manual_seed(config.loop.seed)
-    parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed)
+    parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed,
+                                                                config.loop.torch_device)
     train = [u for u in load_train_utterances(data_dir, TEXT_KINDS, config.extra_data, config.train_limit,
                                               config.speed_factors) if u.entry.text]
     train.sort(key=lambda u: u.chunks.shape[0])

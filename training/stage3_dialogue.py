@@ -82,7 +82,7 @@ def precompute(parts: AudioLlmParts, utts: list[Utterance], tokenizer, end_id: i
 def _losses(parts: AudioLlmParts, turns: TurnLayout, batch: LaidOutBatch,
             config: Stage3Config) -> tuple[Tensor, dict[str, float]]:
     hidden = turns.hidden(batch)
-    weights = torch.tensor([1.0, config.end_class_weight, config.end_class_weight])
+    weights = torch.tensor([1.0, config.end_class_weight, config.end_class_weight], device=hidden.device)
     logits = turns.state_logits(hidden, batch, parts.heads)
     s_loss = state_loss(logits, batch.state_targets, weights)
     metrics = {"state_loss": s_loss.item()}
@@ -99,7 +99,8 @@ def _losses(parts: AudioLlmParts, turns: TurnLayout, batch: LaidOutBatch,
 def train_stage3(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: Stage3Config) -> dict:
     """Train prompt embeddings + state head; writes `run_dir/result.pt`."""
     torch.manual_seed(config.loop.seed)
-    parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed)
+    parts, previous, causal_lm, tokenizer, turns = build_stage2(init, data_dir, llm_dir, config.loop.seed,
+                                                                config.loop.torch_device)
     if previous["stage"] < 2:
         raise ValueError(f"{init}: stage 3 starts from a stage-2 result (found stage {previous['stage']})")
     freeze(parts.encoder)

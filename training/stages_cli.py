@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.common import LoopConfig
+from training.common import LoopConfig, training_device
 
 
 def _add_speed_perturb(p: argparse.ArgumentParser, what: str) -> None:
@@ -33,19 +33,25 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     add_compute_args(p)
 
 
-def add_compute_args(p: argparse.ArgumentParser) -> None:
-    """`--threads` and `--bf16`, shared by every training step's parser."""
+def add_compute_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
+    """`--device`, `--threads` and (unless `bf16` is False) `--bf16`, shared by every training
+    step's parser."""
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the models and batches: cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX; "
-                        "elsewhere ignored with a warning)")
+    if bf16:
+        p.add_argument("--bf16", action="store_true",
+                       help="bfloat16 autocast for the forward (faster on CPUs with AVX512-BF16 or AMX and "
+                            "on GPUs; on a CPU without native bfloat16 ignored with a warning)")
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:
-    """The LoopConfig of parsed loop arguments (this module's and `training.tts.cli`'s)."""
+    """The LoopConfig of parsed loop arguments (this module's and `training.tts.cli`'s); a device this
+    machine cannot use is refused here, before any data or model loads."""
+    training_device(args.device)
     return LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
                       checkpoint_every_steps=args.checkpoint_every, log_every_steps=args.log_every,
-                      seed=args.seed, resume=args.resume, bf16_autocast=args.bf16)
+                      seed=args.seed, resume=args.resume, bf16_autocast=args.bf16, device=args.device)
 
 
 def add_stage1(steps: argparse._SubParsersAction) -> None:
@@ -102,8 +108,7 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
                    help="more `train data` directories (e.g. another --seed) whose train turns are added, "
                         "less any text --data holds out for valid or test")
     _add_speed_perturb(p, "turns")
-    # No --bf16: the features must be the float32 states the engine's head reads.
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_compute_args(p, bf16=False)  # no --bf16: the features must be the float32 states the engine's head reads
 
 
 def add_export(steps: argparse._SubParsersAction) -> None:
@@ -169,9 +174,10 @@ def run_state_head(args: argparse.Namespace) -> int:
     from training.state_head import HeadFitConfig, fit_state_head
 
     _setup(args)
+    training_device(args.device)
     return _report(fit_state_head(args.init, args.data, _llm_dir(args), args.out,
                                   HeadFitConfig(train_limit=args.train_limit,
-                                                speed_factors=tuple(args.speed_perturb)),
+                                                speed_factors=tuple(args.speed_perturb), device=args.device),
                                   tuple(args.extra_data)))
 
 

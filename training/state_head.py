@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from quantized_models.onnx_export import file_sha256
-from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
+from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic, training_device
 from training.data.manifest import ManifestEntry, read_manifest
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances
@@ -57,6 +57,8 @@ class HeadFitConfig:
     lbfgs_iterations: int = 300
     batch_turns: int = 8
     train_limit: int | None = None
+    device: str = "cpu"
+    """Torch device of the feature pass (encoder, adapter, frozen LLM); the fits run on the CPU."""
 
 
 @dataclass
@@ -111,10 +113,10 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
                  for v, u in zip(vectors, batch_utts)]
         batch = turns.lay_out(items)
         hidden = turns.hidden(batch)
-        picked = hidden[batch.state_rows[:, 0], batch.state_rows[:, 1]].float()
-        rows = batch.state_rows[:, 0]
+        picked = hidden[batch.state_rows[:, 0], batch.state_rows[:, 1]].float().cpu()
+        rows = batch.state_rows[:, 0].cpu()
         for row, i in enumerate(index):
-            per_turn[i] = picked[rows == row], batch.state_targets[rows == row]
+            per_turn[i] = picked[rows == row], batch.state_targets.cpu()[rows == row]
     features, labels = zip(*(per_turn[i] for i in range(len(utts))))
     starts = np.cumsum([0] + [len(x) for x in labels]).tolist()
     return ChunkFeatures(torch.cat(features), torch.cat(labels), starts, [u.entry for u in utts])
@@ -253,7 +255,8 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     still made on `data_dir`'s valid split)."""
     check_speed_factors(config.speed_factors)
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
-    parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0)
+    parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0,
+                                                        device=training_device(config.device))
     if previous["stage"] != 3:
         raise ValueError(f"{init}: the state head is refitted on a stage-3 result (run stage 3 first)")
     checksum = assert_frozen(causal_lm)
@@ -270,11 +273,11 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
         logger.warning("state-head: %s has no valid dialogue turns; choosing on the train split", data_dir)
         valid = train
     head = parts.heads.predictor_head
-    init_w, init_b = head.weight[:STATE_CLASSES].detach().float(), head.bias[:STATE_CLASSES].detach().float()
+    init_w, init_b = (t[:STATE_CLASSES].detach().float().cpu() for t in (head.weight, head.bias))
     choice = choose_head(train, valid, init_w, init_b, config)
     with torch.no_grad():
-        head.weight[:STATE_CLASSES] = choice.weight.to(head.weight.dtype)
-        head.bias[:STATE_CLASSES] = choice.bias.to(head.bias.dtype)
+        head.weight[:STATE_CLASSES] = choice.weight.to(head.weight)
+        head.bias[:STATE_CLASSES] = choice.bias.to(head.bias)
     assert_frozen(causal_lm, checksum)
     summary = {"train_turns": len(train.entries), "train_chunks": int(train.labels.shape[0]),
                "extra_train_turns": sum(len(x.entries) for x in extra),

@@ -193,7 +193,9 @@ def _engine(args: argparse.Namespace, top_k: int):
         from quantized_models.smollm2 import prepare_smollm2
 
         llm_dir = prepare_smollm2()
-    models = load_models(args.model_dir, llm_dir, torch.device(args.device), getattr(torch, args.dtype))
+    from training.common import training_device
+
+    models = load_models(args.model_dir, llm_dir, training_device(args.device), getattr(torch, args.dtype))
     rule = SegmentationRule(getattr(args, "segmentation", "sentence"))
     return Engine(models, EngineOptions(speech_top_k=top_k, max_speech_tokens=args.max_speech_tokens,
                                         segmentation=rule))

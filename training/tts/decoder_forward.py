@@ -165,7 +165,7 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
     extras: list[tuple[Tensor, Tensor] | None] = [None] * len(decoder.layers)
     if batch.prefix_rows is not None and dims.kv_cache_prefix_finetune:
         assert batch.prefix_lengths is not None, "prefix rows need prefix_lengths"
-        p = batch.prefix_rows.to(x.dtype)
+        p = batch.prefix_rows.to(device=device, dtype=x.dtype)
         extras = run_prefix(decoder, p, batch.prefix_lengths, dropout)  # type: ignore[assignment]
         seen = torch.stack([prefix_visible(n, p.shape[1], total) for n in batch.prefix_lengths]).to(device)
         visible = torch.cat((seen, visible), dim=2)  # keys: [prefix | sequence]

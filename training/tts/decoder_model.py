@@ -66,7 +66,7 @@ def build_decoder(layout: list[Any], seed: int) -> SpeechDecoder:
 
 def save_decoder_result(path: Path, stage: str, layout: list[Any], decoder: SpeechDecoder,
                         extra: dict[str, Any]) -> None:
-    state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in decoder.state_dict().items()}  # a CPU file
     save_atomic({"stage": stage, "layout": layout, "state": state, "extra": extra}, path)
 
 

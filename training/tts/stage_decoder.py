@@ -214,6 +214,8 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
         raise ValueError(f"no training pairs from {data}: the bank has no train texts")
     valid = examples_of(pairs.get("valid", []), tokenizer)
     decoder, layout = initial_decoder(config, int(embed.embedding_dim), int(codec.n_codes))
+    causal_lm.to(config.loop.torch_device)
+    decoder.to(config.loop.torch_device)
     for param in decoder.layers_prefix.parameters():
         param.requires_grad_(False)  # trained by tts-prefix on the LLM's hidden states
     logger.info("tts-decoder: %d train pairs, %d valid; idim %d, %d codec ids", len(train), len(valid),

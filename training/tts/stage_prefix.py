@@ -77,7 +77,7 @@ def answer_segments(causal_lm, tokenizer, questions: list[str], answers: dict[st
     for question in questions:
         for segment in teacher_forced_segments(causal_lm, tokenizer, layout, answers[question], question):
             if segment.text.strip() and text_ids(tokenizer, segment.text):
-                out.append({"text": segment.text, "hidden": torch.stack(segment.hidden_states).float()})
+                out.append({"text": segment.text, "hidden": torch.stack(segment.hidden_states).float().cpu()})
     return out
 
 
@@ -119,6 +119,8 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
     if decoder.dims.odim != codec.n_codes:
         raise ValueError(f"{init} predicts {decoder.dims.odim} codec ids but the codec has {codec.n_codes}")
     causal_lm, tokenizer = load_frozen_llm(llm_dir)
+    causal_lm.to(config.loop.torch_device)
+    decoder.to(config.loop.torch_device)
     embed = causal_lm.get_input_embeddings()
     segments = _split_segments(run_dir, causal_lm, tokenizer, data, config)
     speak = speak or PiperNative(cache_dir=config.speech_cache or run_dir / "speech")
