@@ -65,7 +65,7 @@ class LoopConfig:
     bfloat16 emulates it over 10x slower, so there the loop warns and trains in float32."""
     device: str = "cpu"
     """Torch device every trained module, the frozen LLM and each batch live on ("cpu", "cuda",
-    "cuda:1"); checkpoints and results are written with CPU tensors either way."""
+    "cuda:1"); results are written with CPU tensors either way (checkpoints keep the run device's)."""
 
     def validate(self) -> None:
         if self.steps < 1 or self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
