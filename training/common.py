@@ -92,6 +92,8 @@ def training_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        if device.index is None:  # a tensor's device always carries its index: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: training runs on cpu or cuda devices only")
     return device
@@ -295,14 +297,8 @@ def check_on_device(modules: Iterable[nn.Module], device: torch.device) -> None:
     """Refuse modules with a parameter or buffer off `device` (a stage forgot to move it)."""
     for module in modules:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if not _same_device(tensor.device, device):
+            if tensor.device != device:
                 raise RuntimeError(f"{type(module).__name__}.{name} is on {tensor.device}, the run on {device}")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    # "cuda" means the current CUDA device; a tensor's device always carries its index.
-    index = lambda d: d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()  # noqa: E731
-    return a.type == b.type and index(a) == index(b)
 
 
 def train_loop(

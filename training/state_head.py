@@ -114,9 +114,9 @@ def extract_features(parts, turns, data_dir: Path, split: str, config: HeadFitCo
         batch = turns.lay_out(items)
         hidden = turns.hidden(batch)
         picked = hidden[batch.state_rows[:, 0], batch.state_rows[:, 1]].float().cpu()
-        rows = batch.state_rows[:, 0].cpu()
+        rows, targets = batch.state_rows[:, 0].cpu(), batch.state_targets.cpu()
         for row, i in enumerate(index):
-            per_turn[i] = picked[rows == row], batch.state_targets.cpu()[rows == row]
+            per_turn[i] = picked[rows == row], targets[rows == row]
     features, labels = zip(*(per_turn[i] for i in range(len(utts))))
     starts = np.cumsum([0] + [len(x) for x in labels]).tolist()
     return ChunkFeatures(torch.cat(features), torch.cat(labels), starts, [u.entry for u in utts])
