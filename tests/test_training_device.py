@@ -129,3 +129,23 @@ def test_train_cli_passes_the_device_and_refuses_one_this_machine_lacks(step, mo
         assert main([*base, "--device", "cuda"]) != 0
         assert "use --device cpu" in capsys.readouterr().err
         assert len(seen) == 2  # refused before the stage started
+
+
+def test_eval_takes_threads_and_refuses_fewer_than_one(monkeypatch, tmp_path: Path, capsys) -> None:
+    import quantized_models.model_dir
+    import training.eval_cli
+    from assistant.cli import main
+
+    monkeypatch.setattr(quantized_models.model_dir, "load_models", lambda *args: "models")
+    monkeypatch.setattr(training.eval_cli, "eval_asr", lambda models, data, limit: {"wer": 0.5, "n": 1})
+    base = ["eval", "asr", "--model-dir", str(tmp_path), "--llm-dir", str(tmp_path), "--data", str(tmp_path),
+            "--json"]
+    before = torch.get_num_threads()
+    try:
+        assert main([*base, "--threads", str(before + 1)]) == 0
+        assert torch.get_num_threads() == before + 1
+        assert '"wer": 0.5' in capsys.readouterr().out
+        assert main([*base, "--threads", "0"]) != 0
+        assert "--threads 0: give at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -63,6 +63,6 @@ done
 [ -f "$WORK/state-head/result.pt" ] || freeze-omni train state-head --data "$WORK/data" --init "$WORK/stage3" \
     --out "$WORK/state-head" --device "$DEVICE" --threads "$THREADS" ${EXTRA_DATA[@]+--extra-data "${EXTRA_DATA[@]}"}
 freeze-omni train export --init "$WORK/state-head" --out "$OUT"
-freeze-omni eval asr --model-dir "$OUT" --device "$DEVICE" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
-freeze-omni eval states --model-dir "$OUT" --device "$DEVICE" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
+freeze-omni eval asr --model-dir "$OUT" --device "$DEVICE" --threads "$THREADS" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
+freeze-omni eval states --model-dir "$OUT" --device "$DEVICE" --threads "$THREADS" --data "$WORK/data" --limit "${STATES_LIMIT:-240}" --json \
     | tee "$WORK/eval_states.json"

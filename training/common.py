@@ -99,6 +99,15 @@ def training_device(name: str) -> torch.device:
     return device
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """`--threads`: torch's intra-op CPU threads; None keeps torch's choice (one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: give at least 1 (or leave it out for one thread per core)")
+    torch.set_num_threads(threads)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
     try:

@@ -36,6 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="trained model directory (released layout)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     p.add_argument("--device", default="cpu", help="torch device of the models: cpu (default), cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; give 1 per job when evals run side by side)")
 
 
 def _llm_dir(args: argparse.Namespace) -> Path:
@@ -50,8 +52,9 @@ def _load(args: argparse.Namespace):
     import torch
 
     from quantized_models.model_dir import load_models
-    from training.common import training_device
+    from training.common import set_torch_threads, training_device
 
+    set_torch_threads(args.threads)
     return load_models(args.model_dir, _llm_dir(args), training_device(args.device), torch.float32)
 
 

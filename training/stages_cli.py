@@ -120,10 +120,9 @@ def add_export(steps: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    import torch
+    from training.common import set_torch_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
 
 
 def _llm_dir(args: argparse.Namespace) -> Path:

@@ -83,10 +83,9 @@ def add_tts_export(steps: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    import torch
+    from training.common import set_torch_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     from training.codec import load_codec_encoder
 
     llm_dir = args.llm_dir
@@ -157,6 +156,7 @@ def _add_speech_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_say_parser(sub: argparse._SubParsersAction) -> None:
@@ -193,8 +193,9 @@ def _engine(args: argparse.Namespace, top_k: int):
         from quantized_models.smollm2 import prepare_smollm2
 
         llm_dir = prepare_smollm2()
-    from training.common import training_device
+    from training.common import set_torch_threads, training_device
 
+    set_torch_threads(args.threads)
     models = load_models(args.model_dir, llm_dir, training_device(args.device), getattr(torch, args.dtype))
     rule = SegmentationRule(getattr(args, "segmentation", "sentence"))
     return Engine(models, EngineOptions(speech_top_k=top_k, max_speech_tokens=args.max_speech_tokens,
