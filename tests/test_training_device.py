@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.common import LoopConfig, train_loop, training_device
+from training.common import LoopConfig, train_loop
+from training.device import training_device
 from training.features import N_MELS, Utterance
 from training.llm_sequence import TurnItem, TurnLayout, load_frozen_llm
 from training.model_config import DEFAULT_ROLE, AudioLlmParts, chat_template, encoder_train_yaml, with_llm

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from training.device import check_on_device, rng_state, set_rng_state, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -77,35 +78,6 @@ class LoopConfig:
     @property
     def torch_device(self) -> torch.device:
         return training_device(self.device)
-
-
-def training_device(name: str) -> torch.device:
-    """The torch device `name` names, refused with a fix when this machine cannot use it."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--device {name!r} is not a torch device name: use cpu, cuda or cuda:N") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine has no usable CUDA device (torch "
-                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-        if device.index is None:  # a tensor's device always carries its index: compare like with like
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: training runs on cpu or cuda devices only")
-    return device
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """`--threads`: torch's intra-op CPU threads; None keeps torch's choice (one per core)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise ValueError(f"--threads {threads}: give at least 1 (or leave it out for one thread per core)")
-    torch.set_num_threads(threads)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -196,22 +168,6 @@ class _StopFlag:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on a GPU draws from these
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def save_atomic(obj: object, path: Path) -> None:
     """torch.save through a temporary file, so a kill never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -289,7 +245,7 @@ class LoopResult:
 def _save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                      step: int, config: LoopConfig) -> None:
     save_atomic({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
-                 "optimizer": optimizer.state_dict(), "rng": _rng_state(), "config": asdict(config)}, path)
+                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": asdict(config)}, path)
 
 
 def _resume(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
@@ -297,17 +253,9 @@ def _resume(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Op
     for name, module in modules.items():
         module.load_state_dict(ckpt["modules"][name], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     logger.info("resumed %s at step %d", path, ckpt["step"])
     return int(ckpt["step"])
-
-
-def check_on_device(modules: Iterable[nn.Module], device: torch.device) -> None:
-    """Refuse modules with a parameter or buffer off `device` (a stage forgot to move it)."""
-    for module in modules:
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if tensor.device != device:
-                raise RuntimeError(f"{type(module).__name__}.{name} is on {tensor.device}, the run on {device}")
 
 
 def train_loop(

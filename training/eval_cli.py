@@ -52,7 +52,7 @@ def _load(args: argparse.Namespace):
     import torch
 
     from quantized_models.model_dir import load_models
-    from training.common import set_torch_threads, training_device
+    from training.device import set_torch_threads, training_device
 
     set_torch_threads(args.threads)
     return load_models(args.model_dir, _llm_dir(args), training_device(args.device), torch.float32)

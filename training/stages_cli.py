@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from training.common import LoopConfig, training_device
+from training.common import LoopConfig
+from training.device import training_device
 
 
 def _add_speed_perturb(p: argparse.ArgumentParser, what: str) -> None:
@@ -120,7 +121,7 @@ def add_export(steps: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    from training.common import set_torch_threads
+    from training.device import set_torch_threads
 
     set_torch_threads(args.threads)
 

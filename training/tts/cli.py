@@ -83,7 +83,7 @@ def add_tts_export(steps: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    from training.common import set_torch_threads
+    from training.device import set_torch_threads
 
     set_torch_threads(args.threads)
     from training.codec import load_codec_encoder
@@ -193,7 +193,7 @@ def _engine(args: argparse.Namespace, top_k: int):
         from quantized_models.smollm2 import prepare_smollm2
 
         llm_dir = prepare_smollm2()
-    from training.common import set_torch_threads, training_device
+    from training.device import set_torch_threads, training_device
 
     set_torch_threads(args.threads)
     models = load_models(args.model_dir, llm_dir, training_device(args.device), getattr(torch, args.dtype))
