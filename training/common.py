@@ -65,8 +65,8 @@ class LoopConfig:
     On a CPU with AVX512-BF16 it made a stage-1 step 1.5-2x faster here; a CPU without native
     bfloat16 emulates it over 10x slower, so there the loop warns and trains in float32."""
     device: str = "cpu"
-    """Torch device every trained module, the frozen LLM and each batch live on ("cpu", "cuda",
-    "cuda:1"); results are written with CPU tensors either way (checkpoints keep the run device's)."""
+    """Torch device every trained module, the frozen LLM and each batch live on (cpu, cuda,
+    cuda:1); results are written with CPU tensors either way (checkpoints keep the run device's)."""
 
     def validate(self) -> None:
         if self.steps < 1 or self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
