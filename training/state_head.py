@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from quantized_models.onnx_export import file_sha256
 from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
-from training.device import training_device
 from training.data.manifest import ManifestEntry, read_manifest
+from training.device import training_device
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
 from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances
 from training.llm_sequence import TurnItem
