@@ -9,6 +9,7 @@ import numpy as np
 
 from training.eval import METRIC_KEYS, eval_asr, eval_states
 from training.codec.cli import add_codec_eval_parser, run_codec_eval
+from training.stages_cli import add_compute_args
 from training.tts.cli import add_tts_eval_parser, run_eval_tts
 
 
@@ -35,9 +36,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="trained model directory (released layout)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
-    p.add_argument("--device", default="cpu", help="torch device of the models: cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; give 1 per job when evals run side by side)")
+    add_compute_args(p, bf16=False)
 
 
 def _llm_dir(args: argparse.Namespace) -> Path:

@@ -154,9 +154,8 @@ def _add_speech_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     p.add_argument("--max-speech-tokens", type=int, default=500, help="codec ids per text segment at most")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_compute_args(p, bf16=False)
 
 
 def add_say_parser(sub: argparse._SubParsersAction) -> None:
