@@ -137,6 +137,41 @@ def test_a_second_run_resumes_and_rerenders_only_missing_wavs(small_run, tmp_pat
     assert (out / victim.wav).read_bytes() == before
 
 
+def test_unheard_valid_voices_leave_train_and_test_as_they_were():
+    """`--valid-voices unheard`: valid gets voices of neither train nor test; nothing else moves."""
+    texts = TextCounts(template_questions=700, template_statements=1600, llm_questions=0, llm_statements=0)
+    size = replace(FULL, texts=texts)
+    bank = build_text_bank(texts, np.random.default_rng(0))
+    usual = Planner(size, bank, seed=0, use_piper=True).plan()
+    unheard_size = replace(size, voices=replace(size.voices, valid_voices="unheard"))
+    unheard = Planner(unheard_size, bank, seed=0, use_piper=True).plan()
+    assert [s for s in usual if s.split != "valid"] == [s for s in unheard if s.split != "valid"]
+    valid = [s for s in unheard if s.split == "valid" and s.delivery.voice.engine != "noise"]
+    assert [(s.id, s.text, s.seed) for s in valid] == [
+        (s.id, s.text, s.seed) for s in usual if s.split == "valid" and s.delivery.voice.engine != "noise"]
+    heard = {s.delivery.voice.name for s in usual if s.split in ("train", "test")}
+    assert all(s.delivery.voice.engine == "espeak" for s in valid)
+    assert not {s.delivery.voice.name for s in valid} & heard
+    assert len({s.delivery.voice.name for s in valid}) > 40
+    pitches = [s.delivery.pitch for s in valid]
+    assert min(pitches) < size.voices.train_pitch[0] and max(pitches) > size.voices.train_pitch[1]
+    with pytest.raises(ValueError, match="valid_voices"):
+        replace(size, voices=replace(size.voices, valid_voices="heard")).validate()
+
+
+@needs_espeak
+def test_a_rerun_with_other_valid_voices_renders_the_valid_split_again(small_run, tmp_path):
+    out = tmp_path / "data"
+    synthesize(out, seed=0, size_name="small")
+    before = {e.id: e for e in read_manifest(out)}
+    meta = synthesize(out, seed=0, size_name="small", valid_voices="unheard")
+    after = {e.id: e for e in read_manifest(out)}
+    spoken_valid = [i for i, e in after.items() if e.split == "valid" and e.text]
+    assert meta["times_s"]["reused_wavs"] == len(after) - len(spoken_valid)
+    assert all(after[i].voice != before[i].voice for i in spoken_valid)
+    assert meta["settings"]["unheard_variants"]
+
+
 def test_the_full_plan_keeps_its_promises():
     """Plan the full size on templates only (no audio): counts, held-out voices, pauses."""
     texts = TextCounts(template_questions=700, template_statements=1600, llm_questions=0, llm_statements=0)

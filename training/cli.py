@@ -27,6 +27,10 @@ def _add_data(steps: argparse._SubParsersAction) -> None:
                         "small default: templates only)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="processes rendering the audio (default: one per CPU this process may use)")
+    p.add_argument("--valid-voices", choices=["training", "unheard"], default="training",
+                   help="voices of the valid split: training (train's voices) or unheard (espeak voices "
+                        "of neither train nor test, so choices made on valid are judged on new voices; "
+                        "train and test stay the same)")
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -39,7 +43,7 @@ def run_data(args: argparse.Namespace) -> int:
         llm_dir = prepare_smollm2()
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    meta = synthesize(args.out, args.seed, args.size, llm_dir, args.workers)
+    meta = synthesize(args.out, args.seed, args.size, llm_dir, args.workers, args.valid_voices)
     counts, times = meta["counts"], meta["times_s"]
     print(f"{counts['utterances']} utterances, {counts['audio_hours']:.2f} h of audio in {args.out} "
           f"({times['total']:.0f} s; {times['reused_wavs']} wavs reused)")

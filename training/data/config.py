@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 SPLITS = ("train", "valid", "test")
 KINDS = ("statement", "question", "nonquery")
+VALID_VOICES = ("training", "unheard")  # see VoiceSettings.valid_voices
 SAMPLE_RATE_HZ = 16_000  # the speech encoder's input rate
 
 
@@ -68,6 +69,9 @@ class VoiceSettings:
     """Silence after the speech, seconds (kept short: the wav's end is the turn's end)."""
     pause_s: tuple[float, float] = (0.5, 1.2)
     """Length of a mid-utterance pause, seconds."""
+    valid_voices: str = "training"
+    """Voices of the valid split: `training` (train's voices, piper included) or `unheard` (espeak
+    voices of neither train nor test, at the test's pitch range; `training.data.voices`)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class DataSize:
             raise ValueError("valid_fraction + test_fraction must stay below 0.5")
         if not 0.0 <= self.voices.piper_share <= 1.0:
             raise ValueError("piper_share must be within 0–1")
+        if self.voices.valid_voices not in VALID_VOICES:
+            raise ValueError(f"valid_voices {self.voices.valid_voices!r}: use one of {VALID_VOICES}")
 
 
 SMALL = DataSize(

@@ -80,7 +80,7 @@ class Planner:
     def __init__(self, size: DataSize, bank: TextBank, seed: int, use_piper: bool) -> None:
         self.size, self.bank = size, bank
         self.rng = np.random.default_rng([seed, 7])
-        self.voices = VoicePicker(size.voices, use_piper)
+        self.voices = VoicePicker(size.voices, use_piper, unheard_rng=np.random.default_rng([seed, 11]))
 
     def plan(self) -> list[UtteranceSpec]:
         specs: list[UtteranceSpec] = []

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from training.data.manifest import META_NAME, ManifestEntry, write_manifest
 from training.data.plan import Planner, UtteranceSpec
 from training.data.speech import PIPER_INSTALL_HINT, Speakers, espeak_available, piper_available
 from training.data.texts import TextBank, build_text_bank
-from training.data.voices import HELD_OUT_LANGUAGE_VOICES, HELD_OUT_VARIANTS
+from training.data.voices import HELD_OUT_LANGUAGE_VOICES, HELD_OUT_VARIANTS, UNHEARD_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def render_all(out: Path, specs: list[UtteranceSpec], speakers: Speakers,
 
 
 def _reusable(previous: ManifestEntry | None, spec: UtteranceSpec) -> bool:
-    return previous is not None and previous.wav == spec.wav and previous.text == spec.text
+    return (previous is not None and previous.wav == spec.wav and previous.text == spec.text
+            and previous.voice == spec.delivery.voice.name and previous.seed == spec.seed)
 
 
 @contextmanager
@@ -229,18 +230,19 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None, workers: int = 1) -> dict:
+def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None, workers: int = 1,
+               valid_voices: str = "training") -> dict:
     """Create (or finish) the data set in `out`; returns what `meta.json` holds (`workers`: processes
-    rendering the audio).
+    rendering the audio; `valid_voices`: `VoiceSettings.valid_voices`).
 
     Raises:
-        ValueError: unknown size.
+        ValueError: unknown size or valid voices.
         FileNotFoundError: espeak-ng is missing.
         ModelLoadError: the size needs piper and piper-tts or its voice is missing.
     """
     if size_name not in SIZES:
         raise ValueError(f"unknown size {size_name!r}; use one of {sorted(SIZES)}")
-    size = SIZES[size_name]
+    size = replace(SIZES[size_name], voices=replace(SIZES[size_name].voices, valid_voices=valid_voices))
     size.validate()
     if not espeak_available():
         raise FileNotFoundError("espeak-ng is not installed; run: apt-get install espeak-ng")
@@ -263,7 +265,8 @@ def synthesize(out: Path, seed: int, size_name: str, llm_dir: Path | None = None
                            for kind, pool in (("statement", bank.statements), ("question", bank.questions))},
         "settings": {**asdict(size), "use_piper": use_piper, "llm_dir": str(llm_dir) if llm_dir else None,
                      "held_out_language_voices": HELD_OUT_LANGUAGE_VOICES,
-                     "held_out_variants": HELD_OUT_VARIANTS},
+                     "held_out_variants": HELD_OUT_VARIANTS,
+                     "unheard_variants": UNHEARD_VARIANTS if valid_voices == "unheard" else None},
         "answer_system_role": _answer_role() if llm_dir else None,
         "versions": _versions(),
         "times_s": {"texts": round(texts_s, 1), "audio": round(time.perf_counter() - start - texts_s, 1),

@@ -4,6 +4,11 @@ A voice is a TTS engine plus a speaker: `espeak:<language voice>+<variant>` or `
 Whole voices are held out: every espeak combination whose language voice is in
 `HELD_OUT_LANGUAGE_VOICES` or whose variant is in `HELD_OUT_VARIANTS` is heard only in the test
 split, and the test's pitch range is wider than training's. Speed and pitch vary per utterance.
+
+A third set, `UNHEARD_VARIANTS` on the training language voices, is heard by neither train nor
+test: `train data --valid-voices unheard` speaks the valid split with it, so choices made on
+valid (the state-head refit's operating point, which stage-3 run to keep) are judged on voices
+the model never heard, as the test is, without looking at the test.
 """
 from __future__ import annotations
 
@@ -27,6 +32,10 @@ ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "
                    "Jacky")
 HELD_OUT_LANGUAGE_VOICES = ("en-gb-x-gbcwmd",)  # West Midlands: an accent never heard in training
 HELD_OUT_VARIANTS = ("f4", "m7", "grandpa", "linda", "Hugo", "victor")
+# Further human-sounding variants of espeak-ng 1.51, in neither list above (echo, flutter and
+# robotic variants left out): the valid split's voices under `valid_voices="unheard"`.
+UNHEARD_VARIANTS = ("Alicia", "Andrea", "Diogo", "Henrique", "Marco", "Mario", "Nguyen", "antonio",
+                    "belinda", "gustave", "marcelo", "miguel", "pedro", "sandro")
 PIPER_VOICE = "piper:en_US-joe-medium"
 
 
@@ -55,6 +64,13 @@ def espeak_voices(held_out: bool) -> list[Voice]:
     return voices
 
 
+def unheard_voices() -> list[Voice]:
+    """Voices of neither train nor test: the training language voices with `UNHEARD_VARIANTS`."""
+    return [Voice(f"espeak:{language}+{variant}", "espeak")
+            for language, variant in itertools.product(ESPEAK_LANGUAGE_VOICES, UNHEARD_VARIANTS)
+            if language not in HELD_OUT_LANGUAGE_VOICES]
+
+
 @dataclass(frozen=True)
 class Delivery:
     """How one utterance is spoken (decided when the run is planned)."""
@@ -70,15 +86,36 @@ class Delivery:
 
 
 class VoicePicker:
-    """Draws a speaker and its speed/pitch per utterance, keeping held-out voices in the test."""
+    """Draws a speaker and its speed/pitch per utterance, keeping held-out voices in the test.
 
-    def __init__(self, settings: VoiceSettings, use_piper: bool) -> None:
+    `unheard_rng` (needed when `settings.valid_voices` is "unheard") draws the valid split's
+    unheard voices. The training-voice draw is made from `rng` all the same and dropped, so the
+    train and test splits are the same as without the option, utterance for utterance.
+    """
+
+    def __init__(self, settings: VoiceSettings, use_piper: bool,
+                 unheard_rng: np.random.Generator | None = None) -> None:
         self.settings = settings
         self.use_piper = use_piper and settings.piper_share > 0
         self.train_voices = espeak_voices(held_out=False)
         self.test_voices = espeak_voices(held_out=True)
+        self.unheard_rng = unheard_rng
+        if settings.valid_voices == "unheard" and unheard_rng is None:
+            raise ValueError("valid_voices='unheard' needs an unheard_rng")
 
     def pick(self, split: str, rng: np.random.Generator) -> Delivery:
+        usual = self._pick(split, rng)
+        if split == "valid" and self.settings.valid_voices == "unheard":
+            return self._unheard(self.unheard_rng)
+        return usual
+
+    def _unheard(self, rng: np.random.Generator) -> Delivery:
+        s, voices = self.settings, unheard_voices()
+        return Delivery(voice=voices[rng.integers(len(voices))],
+                        speed_wpm=int(rng.integers(s.speed_wpm[0], s.speed_wpm[1] + 1)),
+                        pitch=int(rng.integers(s.test_pitch[0], s.test_pitch[1] + 1)))
+
+    def _pick(self, split: str, rng: np.random.Generator) -> Delivery:
         s = self.settings
         if split != "test" and self.use_piper and rng.random() < s.piper_share:
             scale = float(rng.uniform(*s.piper_length_scale))
