@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from training.data.config import VALID_VOICES
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def _add_data(steps: argparse._SubParsersAction) -> None:
                         "small default: templates only)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="processes rendering the audio (default: one per CPU this process may use)")
-    p.add_argument("--valid-voices", choices=["training", "unheard"], default="training",
+    p.add_argument("--valid-voices", choices=VALID_VOICES, default="training",
                    help="voices of the valid split: training (train's voices) or unheard (espeak voices "
                         "of neither train nor test, so choices made on valid are judged on new voices; "
                         "train and test stay the same)")

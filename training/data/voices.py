@@ -99,7 +99,7 @@ class VoicePicker:
         self.use_piper = use_piper and settings.piper_share > 0
         self.train_voices = espeak_voices(held_out=False)
         self.test_voices = espeak_voices(held_out=True)
-        self.unheard_rng = unheard_rng
+        self.unheard_rng, self.unheard_voices = unheard_rng, unheard_voices()
         if settings.valid_voices == "unheard" and unheard_rng is None:
             raise ValueError("valid_voices='unheard' needs an unheard_rng")
 
@@ -110,7 +110,7 @@ class VoicePicker:
         return usual
 
     def _unheard(self, rng: np.random.Generator) -> Delivery:
-        s, voices = self.settings, unheard_voices()
+        s, voices = self.settings, self.unheard_voices
         return Delivery(voice=voices[rng.integers(len(voices))],
                         speed_wpm=int(rng.integers(s.speed_wpm[0], s.speed_wpm[1] + 1)),
                         pitch=int(rng.integers(s.test_pitch[0], s.test_pitch[1] + 1)))
