@@ -88,41 +88,36 @@ class Delivery:
 class VoicePicker:
     """Draws a speaker and its speed/pitch per utterance, keeping held-out voices in the test.
 
-    `unheard_rng` (needed when `settings.valid_voices` is "unheard") draws the valid split's
-    unheard voices. The training-voice draw is made from `rng` all the same and dropped, so the
-    train and test splits are the same as without the option, utterance for utterance.
+    `unheard_rng` draws the valid split's voices when `settings.valid_voices` is "unheard". The
+    usual draw is made from `rng` all the same and dropped, so the train and test splits are the
+    same as without the option, utterance for utterance.
     """
 
-    def __init__(self, settings: VoiceSettings, use_piper: bool,
-                 unheard_rng: np.random.Generator | None = None) -> None:
+    def __init__(self, settings: VoiceSettings, use_piper: bool, unheard_rng: np.random.Generator) -> None:
         self.settings = settings
         self.use_piper = use_piper and settings.piper_share > 0
         self.train_voices = espeak_voices(held_out=False)
         self.test_voices = espeak_voices(held_out=True)
         self.unheard_rng, self.unheard_voices = unheard_rng, unheard_voices()
-        if settings.valid_voices == "unheard" and unheard_rng is None:
-            raise ValueError("valid_voices='unheard' needs an unheard_rng")
 
     def pick(self, split: str, rng: np.random.Generator) -> Delivery:
-        usual = self._pick(split, rng)
-        if split == "valid" and self.settings.valid_voices == "unheard":
-            return self._unheard(self.unheard_rng)
+        s = self.settings
+        usual = self._usual(split, rng)
+        if split == "valid" and s.valid_voices == "unheard":
+            return self._espeak(self.unheard_voices, s.test_pitch, self.unheard_rng)
         return usual
 
-    def _unheard(self, rng: np.random.Generator) -> Delivery:
-        s, voices = self.settings, self.unheard_voices
-        return Delivery(voice=voices[rng.integers(len(voices))],
-                        speed_wpm=int(rng.integers(s.speed_wpm[0], s.speed_wpm[1] + 1)),
-                        pitch=int(rng.integers(s.test_pitch[0], s.test_pitch[1] + 1)))
-
-    def _pick(self, split: str, rng: np.random.Generator) -> Delivery:
+    def _usual(self, split: str, rng: np.random.Generator) -> Delivery:
         s = self.settings
         if split != "test" and self.use_piper and rng.random() < s.piper_share:
             scale = float(rng.uniform(*s.piper_length_scale))
             return Delivery(Voice(PIPER_VOICE, "piper"), length_scale=round(scale, 3))
-        held_out = split == "test"
-        voices = self.test_voices if held_out else self.train_voices
-        pitch = s.test_pitch if held_out else s.train_pitch
+        if split == "test":
+            return self._espeak(self.test_voices, s.test_pitch, rng)
+        return self._espeak(self.train_voices, s.train_pitch, rng)
+
+    def _espeak(self, voices: list[Voice], pitch: tuple[int, int], rng: np.random.Generator) -> Delivery:
+        s = self.settings
         return Delivery(voice=voices[rng.integers(len(voices))],
                         speed_wpm=int(rng.integers(s.speed_wpm[0], s.speed_wpm[1] + 1)),
                         pitch=int(rng.integers(pitch[0], pitch[1] + 1)))
