@@ -607,9 +607,29 @@ def test_stage3_cli_passes_loss_weights(monkeypatch, tmp_path):
     base = ["train", "stage3", "--data", str(tmp_path), "--init", str(tmp_path), "--out", str(tmp_path / "r"),
             "--llm-dir", str(tmp_path)]
     assert main(base) == 0
-    assert main([*base, "--state-loss-weight", "4", "--end-class-weight", "1.5"]) == 0
-    assert (seen[0].state_loss_weight, seen[0].end_class_weight) == (1.0, 3.0)
+    assert main([*base, "--state-loss-weight", "4", "--end-class-weight", "1.5",
+                 "--extra-data", str(tmp_path / "d1"), str(tmp_path / "d2")]) == 0
+    assert (seen[0].state_loss_weight, seen[0].end_class_weight, seen[0].extra_data) == (1.0, 3.0, ())
     assert (seen[1].state_loss_weight, seen[1].end_class_weight) == (4.0, 1.5)
+    assert seen[1].extra_data == (tmp_path / "d1", tmp_path / "d2")
+
+
+def test_stage3_extra_data_adds_turns_with_their_silent_tail(chain: dict, tmp_path: Path) -> None:
+    """`train stage3 --extra-data` trains on the other data sets' question and non-query turns too,
+    each followed by the same silent tail chunks as --data's own."""
+    from training.features import load_train_utterances
+
+    kinds = ("question", "nonquery")
+    extra = write_tiny_data(tmp_path / "extra", n=6)
+    own = load_train_utterances(chain["data"], kinds)
+    bare = load_train_utterances(chain["data"], kinds, (extra,))
+    tailed = load_train_utterances(chain["data"], kinds, (extra,), tail_chunks=2)
+    assert len(bare) > len(own) > 0
+    assert [u.entry.id for u in tailed] == [u.entry.id for u in bare]
+    assert all(t.chunks.shape[0] == b.chunks.shape[0] + 2 for t, b in zip(tailed, bare))
+    summary = train_stage3(chain["root"] / "run2", chain["data"], chain["llm_dir"], tmp_path / "run3",
+                           Stage3Config(loop=_loop(2), extra_data=(extra,)))
+    assert summary["train_turns"] == len(bare)
 
 
 def test_stage2_speed_perturbation_adds_copies_of_the_own_train_split_only(chain: dict, tmp_path: Path) -> None:

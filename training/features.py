@@ -152,17 +152,19 @@ def held_out_texts(data_dir: Path) -> frozenset[str]:
 
 
 def load_train_utterances(data_dir: Path, kinds: tuple[str, ...], extra_data: tuple[Path, ...] = (),
-                          limit: int | None = None, speed_factors: tuple[float, ...] = ()) -> list[Utterance]:
+                          limit: int | None = None, speed_factors: tuple[float, ...] = (),
+                          tail_chunks: int = 0) -> list[Utterance]:
     """`data_dir`'s train split (first `limit`), a copy of it played at each of `speed_factors`
     (`speed_perturbed`), then the train splits of `extra_data` (other seeds of `train data`: new
-    texts, voices and noise) less every text `data_dir` holds out."""
+    texts, voices and noise) less every text `data_dir` holds out; each with `tail_chunks` silent
+    chunks after it."""
     check_speed_factors(speed_factors)
-    utts = load_utterances(data_dir, "train", kinds, limit)
+    utts = load_utterances(data_dir, "train", kinds, limit, tail_chunks)
     for speed in speed_factors:
-        utts += load_utterances(data_dir, "train", kinds, limit, speed=speed)
+        utts += load_utterances(data_dir, "train", kinds, limit, tail_chunks, speed=speed)
     excluded = held_out_texts(data_dir) if extra_data else frozenset()
     for extra in extra_data:
-        utts += load_utterances(extra, "train", kinds, excluded_keys=excluded)
+        utts += load_utterances(extra, "train", kinds, tail_chunks=tail_chunks, excluded_keys=excluded)
     return utts
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from training.common import RESULT_NAME, LoopConfig, batch_rng, freeze, train_loop
-from training.features import ChunkLabel, Utterance, chunk_labels, load_utterances
+from training.features import ChunkLabel, Utterance, chunk_labels, load_train_utterances
 from training.llm_sequence import LaidOutBatch, TurnItem, TurnLayout, state_loss
 from training.model_config import AudioLlmParts, save_result
 from training.stage2_connect import audio_vectors, build_stage2, target_ids
@@ -40,6 +40,8 @@ class Stage3Config:
     end_class_weight: float = 3.0
     """Cross-entropy weight of classes 1 and 2 (one chunk per turn) relative to class 0."""
     train_limit: int | None = None
+    extra_data: tuple[Path, ...] = ()
+    """More `train data` directories whose train turns are added (less the texts `--data` holds out)."""
 
 
 @dataclass
@@ -105,7 +107,8 @@ def train_stage3(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
         raise ValueError(f"{init}: stage 3 starts from a stage-2 result (found stage {previous['stage']})")
     freeze(parts.encoder)
     freeze(parts.adapter)
-    utts = load_utterances(data_dir, "train", DIALOGUE_KINDS, config.train_limit, config.tail_chunks)
+    utts = load_train_utterances(data_dir, DIALOGUE_KINDS, config.extra_data, config.train_limit,
+                                 tail_chunks=config.tail_chunks)
     examples = precompute(parts, utts, tokenizer, turns.layout.end_of_turn_id, config)
     for name, param in parts.heads.named_parameters():
         param.requires_grad_(name.startswith(("prompt_embeddings", "predictor_head")))
@@ -127,6 +130,7 @@ def train_stage3(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     if result.finished:
         summary |= {k: round(v, 4) for k, v in result.last_metrics.items()}
         save_result(run_dir / RESULT_NAME, 3, parts, previous["cmvn"],
-                    {"config": asdict(config), "summary": summary})
+                    {"config": {**asdict(config), "extra_data": [str(d) for d in config.extra_data]},
+                     "summary": summary})
     logger.info("stage 3: %s", summary)
     return summary

@@ -19,6 +19,12 @@ def _add_speed_perturb(p: argparse.ArgumentParser, what: str) -> None:
                         "pitch and tempo move together), for voices outside the training range")
 
 
+def _add_extra_data(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
+                   help=f"more `train data` directories (e.g. another --seed) whose train {what} are added, "
+                        "less any text --data holds out for valid or test")
+
+
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, loss.csv, result.pt)")
     p.add_argument("--steps", type=int, default=steps)
@@ -73,9 +79,7 @@ def add_stage2(steps: argparse._SubParsersAction) -> None:
     _add_loop_args(p, steps=1500, lr=5e-4, batch=4)
     p.add_argument("--encoder-frozen-steps", type=int, default=0,
                    help="train only the adapter and task vector for the first N steps")
-    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
-                   help="more data directories (e.g. `train data --seed 1`) whose train utterances are added, "
-                        "less any text --data holds out for valid or test")
+    _add_extra_data(p, "utterances")
     p.add_argument("--freq-mask-bins", type=int, default=0,
                    help="SpecAugment: one frequency mask of up to N mel bins per utterance (0: off)")
     p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: N time masks per utterance (0: off)")
@@ -94,6 +98,7 @@ def add_stage3(steps: argparse._SubParsersAction) -> None:
                    help="weight of the state loss against the answer loss (the prompt vectors serve both)")
     p.add_argument("--end-class-weight", type=float, default=3.0,
                    help="state cross-entropy weight of classes 1 and 2 relative to class 0")
+    _add_extra_data(p, "turns")
 
 
 def add_state_head(steps: argparse._SubParsersAction) -> None:
@@ -105,9 +110,7 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
     p.add_argument("--out", type=Path, required=True, help="run directory (feature caches, result.pt)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training turns")
-    p.add_argument("--extra-data", type=Path, nargs="+", default=(),
-                   help="more `train data` directories (e.g. another --seed) whose train turns are added, "
-                        "less any text --data holds out for valid or test")
+    _add_extra_data(p, "turns")
     _add_speed_perturb(p, "turns")
     add_compute_args(p, bf16=False)  # no --bf16: the features must be the float32 states the engine's head reads
 
@@ -166,7 +169,7 @@ def run_stage3(args: argparse.Namespace) -> int:
     _setup(args)
     config = Stage3Config(loop=loop_config(args), batch_utterances=args.batch, train_limit=args.train_limit,
                           tail_chunks=args.tail_chunks, state_loss_weight=args.state_loss_weight,
-                          end_class_weight=args.end_class_weight)
+                          end_class_weight=args.end_class_weight, extra_data=tuple(args.extra_data))
     return _report(train_stage3(args.init, args.data, _llm_dir(args), args.out, config))
 
 
