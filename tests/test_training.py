@@ -538,6 +538,31 @@ def test_state_head_extra_data_adds_train_turns_but_never_held_out_texts(chain: 
     assert summary["train_chunks"] == 2 * alone["train_chunks"]
 
 
+def test_state_head_extra_valid_joins_the_choice_without_trained_texts(chain: dict, tmp_path: Path) -> None:
+    """`state-head --extra-valid`: another data set's valid turns join the choice, less every text
+    --data trains on (texts --data also holds out, as shared backchannels are, stay)."""
+    from training.data.texts import dedup_key
+    from training.state_head import HeadFitConfig, fit_state_head
+
+    own = read_manifest(chain["data"])
+    trained_only = ({dedup_key(e.text) for e in own if e.split == "train"}
+                    - {dedup_key(e.text) for e in own if e.split != "train"})
+    other = tmp_path / "other-voices"
+    other.mkdir()
+    (other / "wav").symlink_to(chain["data"] / "wav")
+    write_manifest(other, [replace(e, split="valid") for e in own])  # every turn offered for the choice
+    config = HeadFitConfig(end_class_weights=(3.0,), l2_strengths=(1e-3,), bias_offsets=(0.0,),
+                           lbfgs_iterations=20)
+    alone = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "alone", config)
+    both = fit_state_head(chain["root"] / "run3", chain["data"], chain["llm_dir"], tmp_path / "both", config,
+                          extra_valid=(other,))
+    cached = torch.load(tmp_path / "both/features-extra1-valid.pt", weights_only=False)["features"]
+    kept = [e.id for e in own if e.kind in ("question", "nonquery") and dedup_key(e.text) not in trained_only]
+    assert trained_only and kept and sorted(e.id for e in cached.entries) == sorted(kept)
+    assert both["valid_turns"] == alone["valid_turns"] + len(kept)
+    assert both["train_turns"] == alone["train_turns"]
+
+
 def test_state_head_speed_perturbation_adds_sped_up_copies_of_the_train_turns(chain: dict, tmp_path: Path) -> None:
     from training.state_head import HeadFitConfig, fit_state_head
 

@@ -123,8 +123,8 @@ def test_train_cli_passes_the_device_and_refuses_one_this_machine_lacks(step, mo
     base = ["train", step, "--data", str(tmp_path), "--out", str(tmp_path / "r"),
             *([] if step == "stage1" else ["--init", str(tmp_path), "--llm-dir", str(tmp_path)])]
     assert main(base) == 0 and main([*base, "--device", "cpu:0"]) == 0
-    # fit_state_head(init, data, llm, out, HeadFitConfig, extra_data); the others end with a config
-    devices = [args[-2].device if step == "state-head" else args[-1].loop.device for args in seen]
+    # fit_state_head(init, data, llm, out, HeadFitConfig, extra_data, extra_valid); the others end with a config
+    devices = [args[4].device if step == "state-head" else args[-1].loop.device for args in seen]
     assert devices == ["cpu", "cpu:0"]
     if not torch.cuda.is_available():
         assert main([*base, "--device", "cuda"]) != 0

@@ -111,6 +111,9 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (feature caches, result.pt)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training turns")
     _add_extra_data(p, "turns")
+    p.add_argument("--extra-valid", type=Path, nargs="+", default=(),
+                   help="more `train data` directories whose valid splits join --data's in the choice, e.g. "
+                        "the same --seed made with `--valid-voices unheard` (texts --data trains on are left out)")
     _add_speed_perturb(p, "turns")
     add_compute_args(p, bf16=False)  # no --bf16: the features must be the float32 states the engine's head reads
 
@@ -181,7 +184,7 @@ def run_state_head(args: argparse.Namespace) -> int:
     return _report(fit_state_head(args.init, args.data, _llm_dir(args), args.out,
                                   HeadFitConfig(train_limit=args.train_limit,
                                                 speed_factors=tuple(args.speed_perturb), device=args.device),
-                                  tuple(args.extra_data)))
+                                  tuple(args.extra_data), tuple(args.extra_valid)))
 
 
 def run_export(args: argparse.Namespace) -> int:

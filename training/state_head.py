@@ -31,6 +31,7 @@ from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
 from training.device import training_device
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
+from training.data.texts import held_out_keys
 from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances
 from training.llm_sequence import TurnItem
 from training.model_config import save_result
@@ -248,12 +249,27 @@ def extra_train_features(parts, turns, data_dir: Path, extra_data: tuple[Path, .
             for k, extra in enumerate(extra_data, start=1)]
 
 
+def extra_valid_features(parts, turns, data_dir: Path, extra_valid: tuple[Path, ...], config: HeadFitConfig,
+                         run_dir: Path, source_sha: str) -> list[ChunkFeatures]:
+    """Valid-split features of further data directories (e.g. the same seed with `--valid-voices
+    unheard`), without the turns whose text `data_dir` trains on (a choice made on trained texts
+    would favour memorising them)."""
+    if not extra_valid:
+        return []
+    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
+    trained = held_out_keys(own["valid"] + own["test"], own["train"])
+    return [cached_features(parts, turns, extra, "valid", config, run_dir / f"features-extra{k}-valid.pt",
+                            source_sha, trained)
+            for k, extra in enumerate(extra_valid, start=1)]
+
+
 def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig,
-                   extra_data: tuple[Path, ...] = ()) -> dict:
+                   extra_data: tuple[Path, ...] = (), extra_valid: tuple[Path, ...] = ()) -> dict:
     """Refit the state head of a stage-3 result; writes `run_dir/result.pt` (stage 3).
 
-    `extra_data`: more data directories whose train splits add training turns (the choice is
-    still made on `data_dir`'s valid split)."""
+    `extra_data`: more data directories whose train splits add training turns. The choice is made
+    on `data_dir`'s valid split, joined by the valid splits of `extra_valid` (the same texts spoken
+    by other voices make the choice less dependent on the voices it was made with)."""
     check_speed_factors(config.speed_factors)
     source = Path(init) / RESULT_NAME if Path(init).is_dir() else Path(init)
     parts, previous, causal_lm, _, turns = build_stage2(source, data_dir, llm_dir, seed=0,
@@ -273,6 +289,7 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     else:
         logger.warning("state-head: %s has no valid dialogue turns; choosing on the train split", data_dir)
         valid = train
+    valid = concat_features([valid, *extra_valid_features(parts, turns, data_dir, extra_valid, config, run_dir, sha)])
     head = parts.heads.predictor_head
     init_w, init_b = (t[:STATE_CLASSES].detach().float().cpu() for t in (head.weight, head.bias))
     choice = choose_head(train, valid, init_w, init_b, config)
