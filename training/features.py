@@ -144,11 +144,22 @@ def load_utterances(data_dir: Path, split: str, kinds: tuple[str, ...],
     return utts
 
 
+def _texts_by_split(data_dir: Path) -> dict[str, list[str]]:
+    return {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
+
+
 def held_out_texts(data_dir: Path) -> frozenset[str]:
     """Dedup keys of the texts `data_dir` keeps for valid or test (and not for train): another
     data directory's train split must not bring them into training."""
-    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
+    own = _texts_by_split(data_dir)
     return held_out_keys(own["train"], own["valid"] + own["test"])
+
+
+def trained_texts(data_dir: Path) -> frozenset[str]:
+    """Dedup keys of the texts `data_dir` trains on (and never holds out): another data
+    directory's valid split must not bring them into a choice made on held-out texts."""
+    own = _texts_by_split(data_dir)
+    return held_out_keys(own["valid"] + own["test"], own["train"])
 
 
 def load_train_utterances(data_dir: Path, kinds: tuple[str, ...], extra_data: tuple[Path, ...] = (),

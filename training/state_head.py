@@ -31,8 +31,7 @@ from training.common import RESULT_NAME, assert_frozen, freeze, save_atomic
 from training.data.manifest import ManifestEntry, read_manifest
 from training.device import training_device
 from training.eval import RESPONSE_WINDOW_CHUNKS, TurnOutcome, state_rates
-from training.data.texts import held_out_keys
-from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances
+from training.features import check_speed_factors, chunk_labels, held_out_texts, load_utterances, trained_texts
 from training.llm_sequence import TurnItem
 from training.model_config import save_result
 from training.stage2_connect import audio_vectors, build_stage2
@@ -256,8 +255,7 @@ def extra_valid_features(parts, turns, data_dir: Path, extra_valid: tuple[Path, 
     would favour memorising them)."""
     if not extra_valid:
         return []
-    own = {split: [e.text for e in read_manifest(data_dir, split)] for split in ("train", "valid", "test")}
-    trained = held_out_keys(own["valid"] + own["test"], own["train"])
+    trained = trained_texts(data_dir)
     return [cached_features(parts, turns, extra, "valid", config, run_dir / f"features-extra{k}-valid.pt",
                             source_sha, trained)
             for k, extra in enumerate(extra_valid, start=1)]
