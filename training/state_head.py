@@ -236,29 +236,18 @@ def choose_head(train: ChunkFeatures, valid: ChunkFeatures, init_w: Tensor, init
     return best
 
 
-def extra_train_features(parts, turns, data_dir: Path, extra_data: tuple[Path, ...], config: HeadFitConfig,
+def extra_split_features(parts, turns, data_dir: Path, extras: tuple[Path, ...], split: str, config: HeadFitConfig,
                          run_dir: Path, source_sha: str) -> list[ChunkFeatures]:
-    """Train-split features of further data directories (e.g. `train data --seed 1`), without the
-    turns whose text `data_dir` holds out for valid or test."""
-    if not extra_data:
+    """`split` features of further data directories. Their train turns (`--extra-data`, e.g.
+    `train data --seed 1`) leave out every text `data_dir` holds out for valid or test; their valid
+    turns (`--extra-valid`, e.g. the same seed with `--valid-voices unheard`) leave out every text
+    `data_dir` trains on, since a choice made on trained texts would favour memorising them."""
+    if not extras:
         return []
-    excluded = held_out_texts(data_dir)
-    return [cached_features(parts, turns, extra, "train", config, run_dir / f"features-extra{k}-train.pt",
+    excluded = held_out_texts(data_dir) if split == "train" else trained_texts(data_dir)
+    return [cached_features(parts, turns, extra, split, config, run_dir / f"features-extra{k}-{split}.pt",
                             source_sha, excluded)
-            for k, extra in enumerate(extra_data, start=1)]
-
-
-def extra_valid_features(parts, turns, data_dir: Path, extra_valid: tuple[Path, ...], config: HeadFitConfig,
-                         run_dir: Path, source_sha: str) -> list[ChunkFeatures]:
-    """Valid-split features of further data directories (e.g. the same seed with `--valid-voices
-    unheard`), without the turns whose text `data_dir` trains on (a choice made on trained texts
-    would favour memorising them)."""
-    if not extra_valid:
-        return []
-    trained = trained_texts(data_dir)
-    return [cached_features(parts, turns, extra, "valid", config, run_dir / f"features-extra{k}-valid.pt",
-                            source_sha, trained)
-            for k, extra in enumerate(extra_valid, start=1)]
+            for k, extra in enumerate(extras, start=1)]
 
 
 def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, config: HeadFitConfig,
@@ -278,7 +267,7 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     run_dir.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)
     train = cached_features(parts, turns, data_dir, "train", config, run_dir / "features-train.pt", sha)
-    extra = extra_train_features(parts, turns, data_dir, extra_data, config, run_dir, sha)
+    extra = extra_split_features(parts, turns, data_dir, extra_data, "train", config, run_dir, sha)
     extra += [cached_features(parts, turns, data_dir, "train", config, run_dir / f"features-train-speed{f:g}.pt",
                               sha, speed=f) for f in config.speed_factors]
     train = concat_features([train, *extra])
@@ -287,7 +276,8 @@ def fit_state_head(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, con
     else:
         logger.warning("state-head: %s has no valid dialogue turns; choosing on the train split", data_dir)
         valid = train
-    valid = concat_features([valid, *extra_valid_features(parts, turns, data_dir, extra_valid, config, run_dir, sha)])
+    valid = concat_features([valid, *extra_split_features(parts, turns, data_dir, extra_valid, "valid", config,
+                                                          run_dir, sha)])
     head = parts.heads.predictor_head
     init_w, init_b = (t[:STATE_CLASSES].detach().float().cpu() for t in (head.weight, head.bias))
     choice = choose_head(train, valid, init_w, init_b, config)
