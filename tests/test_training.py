@@ -655,6 +655,9 @@ def test_stage3_extra_data_adds_turns_with_their_silent_tail(chain: dict, tmp_pa
     summary = train_stage3(chain["root"] / "run2", chain["data"], chain["llm_dir"], tmp_path / "run3",
                            Stage3Config(loop=_loop(2), extra_data=(extra,)))
     assert summary["train_turns"] == len(bare)
+    from training.model_config import load_result
+
+    assert load_result(tmp_path / "run3")["extra"]["config"]["extra_data"] == [str(extra)]
 
 
 def test_stage2_speed_perturbation_adds_copies_of_the_own_train_split_only(chain: dict, tmp_path: Path) -> None:

@@ -168,6 +168,14 @@ class _StopFlag:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
+def config_record(config) -> dict:
+    """`asdict(config)` with its `extra_data` paths as strings, as results record a stage's settings."""
+    record = asdict(config)
+    if "extra_data" in record:
+        record["extra_data"] = [str(d) for d in record["extra_data"]]
+    return record
+
+
 def save_atomic(obj: object, path: Path) -> None:
     """torch.save through a temporary file, so a kill never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from quantized_models.llm import ChatLayout
-from training.common import RESULT_NAME, LoopConfig, batch_rng, train_loop
+from training.common import RESULT_NAME, LoopConfig, batch_rng, config_record, train_loop
 from training.features import Utterance, load_train_utterances
 from training.llm_sequence import VECTORS_PER_CHUNK, TurnItem, TurnLayout, load_frozen_llm
 from training.model_config import (
@@ -183,7 +183,6 @@ def train_stage2(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     if result.finished:
         summary["final_text_loss"] = round(result.last_metrics.get("text_loss", float("nan")), 4)
         save_result(run_dir / RESULT_NAME, 2, parts, previous["cmvn"],
-                    {"config": {**asdict(config), "extra_data": [str(d) for d in config.extra_data]},
-                     "summary": summary})
+                    {"config": config_record(config), "summary": summary})
     logger.info("stage 2: %s", summary)
     return summary

@@ -9,13 +9,13 @@ pauses, 1 at the end of a question, 2 at the end of a non-query).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from training.common import RESULT_NAME, LoopConfig, batch_rng, freeze, train_loop
+from training.common import RESULT_NAME, LoopConfig, batch_rng, config_record, freeze, train_loop
 from training.features import ChunkLabel, Utterance, chunk_labels, load_train_utterances
 from training.llm_sequence import LaidOutBatch, TurnItem, TurnLayout, state_loss
 from training.model_config import AudioLlmParts, save_result
@@ -130,7 +130,6 @@ def train_stage3(init: Path, data_dir: Path, llm_dir: Path, run_dir: Path, confi
     if result.finished:
         summary |= {k: round(v, 4) for k, v in result.last_metrics.items()}
         save_result(run_dir / RESULT_NAME, 3, parts, previous["cmvn"],
-                    {"config": {**asdict(config), "extra_data": [str(d) for d in config.extra_data]},
-                     "summary": summary})
+                    {"config": config_record(config), "summary": summary})
     logger.info("stage 3: %s", summary)
     return summary
