@@ -364,6 +364,11 @@ def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
         report = json.loads(capsys.readouterr().out)
         assert set(report) == {"wer", "respond_within_2_chunks", "ignore_rate", "false_end_rate", "n"}
         assert report["n"] > 0
+        assert main(["eval", kind, *model, "--data", str(chain["data"]), "--json", "--by-voice"]) == 0
+        by_voice = json.loads(capsys.readouterr().out)["by_voice"]
+        assert sum(group["n"] for group in by_voice.values()) == report["n"]
+    assert main(["eval", "states", *model, "--data", str(chain["data"]), "--by-voice"]) == 0
+    assert all(f"\n{group}\n" in capsys.readouterr().out for group in by_voice)
     assert report["respond_within_2_chunks"] is not None and report["ignore_rate"] is not None
     assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav")]) == 0
     assert capsys.readouterr().out.endswith("\n")
@@ -410,6 +415,28 @@ def test_sigterm_checkpoints_and_returns(tmp_path: Path) -> None:
 
 def step_fn_no_signal(model, x, y):
     return lambda step: (torch.nn.functional.mse_loss(model(x), y), {})
+
+
+def test_rates_per_voice_group_split_accents_not_variants() -> None:
+    from training.eval import TurnOutcome, state_rates_by_voice, word_error_rate
+
+    def entry(voice: str, kind: str, text: str = "x") -> ManifestEntry:
+        return ManifestEntry(id=voice + kind, split="test", voice=voice, kind=kind, text=text, answer=None,
+                             wav="", num_samples=5 * CHUNK_SAMPLES, pause_spans=[], seed=0)
+
+    in_time, late = TurnOutcome(4, "respond"), TurnOutcome(None, None)
+    outcomes = [(entry("espeak:en-gb+m1", "question"), in_time), (entry("espeak:en-gb+f4", "question"), late),
+                (entry("espeak:en-us+m7", "question"), in_time), (entry("noise:cough", "nonquery"), late)]
+    report = state_rates_by_voice(outcomes)
+    assert report["respond_within_2_chunks"] == 2 / 3 and report["n"] == 4
+    assert list(report["by_voice"]) == ["espeak:en-gb", "espeak:en-us", "noise:cough"]
+    assert report["by_voice"]["espeak:en-gb"] == {"respond_within_2_chunks": 0.5, "ignore_rate": None,
+                                                  "false_end_rate": None, "n": 2}
+    assert report["by_voice"]["noise:cough"]["ignore_rate"] == 0.0
+    # weighted by each reference's words: 1 error in 4 words and 3 in 1 word are 4 in 5, not (0.25 + 3) / 2
+    scored = [(entry("espeak:en-gb+m1", "statement", "one two three four"), 1),
+              (entry("espeak:en-gb+m2", "statement", "five"), 3)]
+    assert word_error_rate(scored) == {"wer": 0.8, "n": 2}
 
 
 def test_an_eval_limit_samples_every_kind_not_the_first_rows():

@@ -7,6 +7,10 @@ Both evaluations run the engine's streaming path on the data set's `test` split:
   `respond` at its last chunk or within the 2 chunks after it; a non-query counts as ignored
   when the first decision is `ignore` by then; a mid-utterance pause counts as a false end
   when the first decision falls in a chunk that the pause overlaps.
+
+Both also report the same figures per voice group (`by_voice`: the espeak language voice without
+its variant, `piper:...`, `noise:<event>`), because the test split's voices are drawn uniformly
+from its held-out combinations, so one held-out accent speaks about half of the test turns.
 """
 from __future__ import annotations
 
@@ -46,21 +50,40 @@ def spread(entries: list, limit: int | None) -> list:
     return [entries[i * len(entries) // limit] for i in range(limit)]
 
 
+def voice_group(voice: str) -> str:
+    """`espeak:en-gb+m3` -> `espeak:en-gb` (the language voice, i.e. the accent); others unchanged."""
+    return voice.split("+", 1)[0]
+
+
+def group_by_voice(pairs: list[tuple]) -> dict[str, list[tuple]]:
+    """(entry, result) pairs grouped by `voice_group(entry.voice)`, groups in sorted order."""
+    groups: dict[str, list[tuple]] = {}
+    for pair in pairs:
+        groups.setdefault(voice_group(pair[0].voice), []).append(pair)
+    return dict(sorted(groups.items()))
+
+
+def word_error_rate(pairs: list[tuple]) -> dict:
+    """`wer` and `n` of (entry, word errors) pairs, weighted by each reference's words."""
+    words = sum(len(normalise_words(entry.text)) for entry, _ in pairs)
+    return {"wer": sum(errors for _, errors in pairs) / max(1, words), "n": len(pairs)}
+
+
 def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
-    """WER over the test split's utterances that have text."""
+    """WER over the test split's utterances that have text, overall and per voice group."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
     from training.transcribe import transcribe
 
     entries = spread([e for e in read_manifest(data_dir, "test") if normalise_words(e.text)], limit)
-    errors = words = 0
+    scored = []
     for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
         hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav)))
-        errors += word_errors(hyp, ref)
-        words += len(ref)
+        scored.append((entry, word_errors(hyp, ref)))
         logger.debug("%s | ref: %s | hyp: %s", entry.id, " ".join(ref), " ".join(hyp))
-    return {"wer": errors / max(1, words), "n": len(entries)}
+    by_voice = {group: word_error_rate(pairs) for group, pairs in group_by_voice(scored).items()}
+    return word_error_rate(scored) | {"by_voice": by_voice}
 
 
 @dataclass(frozen=True)
@@ -120,13 +143,21 @@ def state_rates(outcomes) -> dict[str, float | None]:
             "false_end_rate": rate(false_ends, pauses)}
 
 
+def state_rates_by_voice(outcomes: list[tuple]) -> dict:
+    """`state_rates` and `n` of (entry, TurnOutcome) pairs, overall and under `by_voice`."""
+    by_voice = {group: state_rates(pairs) | {"n": len(pairs)}
+                for group, pairs in group_by_voice(outcomes).items()}
+    return state_rates(outcomes) | {"n": len(outcomes), "by_voice": by_voice}
+
+
 def eval_states(engine, data_dir: Path, limit: int | None = None) -> dict:
-    """respond_within_2_chunks, ignore_rate and false_end_rate over the test split."""
+    """respond_within_2_chunks, ignore_rate and false_end_rate over the test split, overall and
+    per voice group."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
 
     dialogue = [e for e in read_manifest(data_dir, "test") if e.kind in ("question", "nonquery")]
     entries = spread(dialogue, limit)
-    streamed = ((entry, stream_turn(engine, load_wav(data_dir / entry.wav)))
-                for entry in tqdm(entries, desc="eval states", unit="turn", leave=False))
-    return state_rates(streamed) | {"n": len(entries)}
+    streamed = [(entry, stream_turn(engine, load_wav(data_dir / entry.wav)))
+                for entry in tqdm(entries, desc="eval states", unit="turn", leave=False)]
+    return state_rates_by_voice(streamed)

@@ -26,6 +26,10 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--limit", type=int, default=None,
                        help="evaluate only N utterances, evenly spread over the test split")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name != "dialogue":
+            p.add_argument("--by-voice", action="store_true",
+                           help="also report each voice group (espeak accent, noise event) on its own "
+                                "(JSON: the key `by_voice`)")
     add_tts_eval_parser(kinds)
     add_codec_eval_parser(kinds)
     p = sub.add_parser("transcribe", help="print the frozen LLM's transcript of a speech file")
@@ -75,13 +79,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
         metrics = eval_states(Engine(models, EngineOptions()), args.data, args.limit)
     report = {key: metrics.get(key) for key in keys}
+    by_voice = metrics.get("by_voice") if getattr(args, "by_voice", False) else None
     if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            if value is not None:
-                print(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}")
+        print(json.dumps(report if by_voice is None else report | {"by_voice": by_voice}))
+        return 0
+    _print_metrics(report)
+    for group, group_metrics in (by_voice or {}).items():
+        print(f"\n{group}")
+        _print_metrics(group_metrics, indent="  ")
     return 0
+
+
+def _print_metrics(metrics: dict, indent: str = "") -> None:
+    for key, value in metrics.items():
+        if value is not None:
+            text = f"{value:.4f}" if isinstance(value, float) else f"{value}"
+            print(f"{indent}{key:26s} {text}")
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
