@@ -378,6 +378,30 @@ def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
     assert 0.0 <= report["keyword_agreement"] <= 1.0 and report["agreement"] <= report["keyword_agreement"]
 
 
+def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict, monkeypatch) -> None:
+    from quantized_models.model_dir import load_models
+    from training.transcribe import transcribe, transcript_token_cap
+
+    assert transcript_token_cap(16_000) == 16 and transcript_token_cap(0) == 8
+    assert transcript_token_cap(16_000 * 60) == 96  # the fixed cap still bounds long audio
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    llm, end = models.llm, models.llm.layout.end_of_turn_id
+
+    def never_ending(step):  # the LLM's own logits, with the end of the answer ruled out
+        def wrapped(*args):
+            logits, rest = step(*args)
+            return logits.index_fill(-1, torch.tensor([end]), float("-inf")), rest
+        return wrapped
+
+    monkeypatch.setattr(llm, "start_answer", never_ending(llm.start_answer))
+    monkeypatch.setattr(llm, "feed_token", never_ending(llm.feed_token))
+    tokens = []
+    monkeypatch.setattr(models.tokenizer, "decode", lambda ids, **_: tokens.append(len(ids)) or "")
+    for seconds in (0.32, 1.0):
+        transcribe(models, np.zeros(int(16_000 * seconds), dtype=np.float32))
+    assert tokens == [transcript_token_cap(5_120), transcript_token_cap(16_000)]
+
+
 def test_dialogue_agreement_compares_first_sentences_and_content_words() -> None:
     from training.eval_dialogue import AnswerPair, first_sentence
 
