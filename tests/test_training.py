@@ -402,6 +402,45 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
     assert tokens == [transcript_token_cap(5_120), transcript_token_cap(16_000)]
 
 
+def test_average_of_stage3_runs_means_what_stage3_trains_and_loads_in_the_engine(chain: dict, tmp_path: Path):
+    from assistant.cli import main
+    from quantized_models.model_dir import load_models
+    from training.average import AVERAGED_KEYS
+    from training.export import export_model_dir
+    from training.model_config import load_result
+
+    run3 = load_result(chain["root"] / "run3")
+    kept = run3 | {"state": {k: v.half() if v.is_floating_point() else v for k, v in run3["state"].items()}}
+    torch.save(kept, tmp_path / "kept.pt")  # a float16 artifact, as tools/keep-stage-result.py writes
+    continued = {k: v.float() if v.is_floating_point() else v for k, v in kept["state"].items()}
+    for key in AVERAGED_KEYS:  # another run from the kept result: only what stage 3 trains moved
+        continued[key] = continued[key] + 1.0
+    torch.save(kept | {"state": continued}, tmp_path / "continued.pt")
+    assert main(["train", "average", "--init", str(tmp_path / "kept.pt"), str(tmp_path / "continued.pt"),
+                 "--out", str(tmp_path / "avg")]) == 0
+    average = load_result(tmp_path / "avg")["state"]
+    for key in AVERAGED_KEYS:
+        torch.testing.assert_close(average[key], kept["state"][key].float() + 0.5)
+    assert torch.equal(average["encoder.global_cmvn.mean"], kept["state"]["encoder.global_cmvn.mean"])
+    load_models(export_model_dir(tmp_path / "avg", tmp_path / "model", speech_from=chain["model_dir"]),
+                chain["llm_dir"], torch.device("cpu"), torch.float32)  # the engine's strict loader
+
+    encoder_key = next(k for k in continued if k.startswith("encoder.") and k.endswith("weight"))
+    continued[encoder_key] = continued[encoder_key] + 1.0
+    torch.save(kept | {"state": continued}, tmp_path / "other-encoder.pt")
+    with pytest.raises(ValueError, match=encoder_key.replace(".", r"\.")):
+        write_average_of(tmp_path / "kept.pt", tmp_path / "other-encoder.pt", out=tmp_path / "refused")
+    with pytest.raises(ValueError, match="stage-2"):
+        write_average_of(chain["root"] / "run2", tmp_path / "kept.pt", out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def write_average_of(*sources: Path, out: Path) -> dict:
+    from training.average import write_average
+
+    return write_average(list(sources), out)
+
+
 def test_dialogue_agreement_compares_first_sentences_and_content_words() -> None:
     from training.eval_dialogue import AnswerPair, first_sentence
 

@@ -1,4 +1,4 @@
-"""`freeze-omni train stage1|stage2|stage3|state-head|export`: argparse builders and handlers.
+"""`freeze-omni train stage1|stage2|stage3|state-head|average|export`: argparse builders and handlers.
 
 Registered in `training.cli` (STEP_PARSERS / TRAIN_HANDLERS). Arguments only build the frozen
 stage configs; heavy imports happen inside the handlers.
@@ -118,6 +118,14 @@ def add_state_head(steps: argparse._SubParsersAction) -> None:
     add_compute_args(p, bf16=False)  # no --bf16: the features must be the float32 states the engine's head reads
 
 
+def add_average(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("average", help="average the prompt vectors and state heads of stage-3 runs continued "
+                                         "from one result (refit the head on the average with `state-head`)")
+    p.add_argument("--init", type=Path, nargs="+", required=True,
+                   help="two or more stage-3 run directories (or result.pt files) that share their encoder")
+    p.add_argument("--out", type=Path, required=True, help="run directory to write result.pt into")
+
+
 def add_export(steps: argparse._SubParsersAction) -> None:
     p = steps.add_parser("export", help="write a stage-2/3 result as a model directory (released layout)")
     p.add_argument("--init", type=Path, required=True, help="run directory (or result.pt) of stage 2 or 3")
@@ -187,6 +195,12 @@ def run_state_head(args: argparse.Namespace) -> int:
                                   tuple(args.extra_data), tuple(args.extra_valid)))
 
 
+def run_average(args: argparse.Namespace) -> int:
+    from training.average import write_average
+
+    return _report(write_average(list(args.init), args.out))
+
+
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_model_dir
 
@@ -196,8 +210,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 STAGE_PARSERS = {"stage1": add_stage1, "stage2": add_stage2, "stage3": add_stage3,
-                 "state-head": add_state_head, "export": add_export}
+                 "state-head": add_state_head, "average": add_average, "export": add_export}
 """Step name -> function adding its subparser (merged into `training.cli.STEP_PARSERS`)."""
 STAGE_HANDLERS = {"stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3,
-                  "state-head": run_state_head, "export": run_export}
+                  "state-head": run_state_head, "average": run_average, "export": run_export}
 """Step name -> handler (merged into `training.cli.TRAIN_HANDLERS`)."""
