@@ -1,10 +1,9 @@
 """`freeze-omni train average`: the mean of stage-3 results that share everything stage 3 froze.
 
 Stage-3 runs continued from one result (other seeds, other `--extra-data`) keep its encoder,
-adapter, task vector and LLM and move only the prompt vectors and the state head. Their weight
-mean (a "model soup") lies between runs that each over- and under-shoot on voices none of them
-heard; the 18th session's average of three such runs, with its head then refitted by `train
-state-head`, answered more held-out questions in time than any of them (training/README.md).
+adapter, task vector and LLM and move only the prompt vectors and the state head, so their
+weight mean (a "model soup") is a model of the same kind. The kept model is the 18th session's
+average of three such runs with its head then refitted by `train state-head` (training/README.md).
 Results that differ anywhere else are refused: their prompt vectors belong to different encoders.
 """
 from __future__ import annotations
