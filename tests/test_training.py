@@ -405,7 +405,7 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
 def test_average_of_stage3_runs_means_what_stage3_trains_and_loads_in_the_engine(chain: dict, tmp_path: Path):
     from assistant.cli import main
     from quantized_models.model_dir import load_models
-    from training.average import AVERAGED_KEYS
+    from training.average import AVERAGED_KEYS, write_average
     from training.export import export_model_dir
     from training.model_config import load_result
 
@@ -429,16 +429,10 @@ def test_average_of_stage3_runs_means_what_stage3_trains_and_loads_in_the_engine
     continued[encoder_key] = continued[encoder_key] + 1.0
     torch.save(kept | {"state": continued}, tmp_path / "other-encoder.pt")
     with pytest.raises(ValueError, match=encoder_key.replace(".", r"\.")):
-        write_average_of(tmp_path / "kept.pt", tmp_path / "other-encoder.pt", out=tmp_path / "refused")
+        write_average([tmp_path / "kept.pt", tmp_path / "other-encoder.pt"], tmp_path / "refused")
     with pytest.raises(ValueError, match="stage-2"):
-        write_average_of(chain["root"] / "run2", tmp_path / "kept.pt", out=tmp_path / "refused")
+        write_average([chain["root"] / "run2", tmp_path / "kept.pt"], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-
-
-def write_average_of(*sources: Path, out: Path) -> dict:
-    from training.average import write_average
-
-    return write_average(list(sources), out)
 
 
 def test_dialogue_agreement_compares_first_sentences_and_content_words() -> None:
@@ -497,8 +491,7 @@ def test_rates_per_voice_group_split_accents_not_variants() -> None:
                                                   "false_end_rate": None, "n": 2}
     assert report["by_voice"]["noise:cough"]["ignore_rate"] == 0.0
     # weighted by each reference's words: 1 error in 4 words and 3 in 1 word are 4 in 5, not (0.25 + 3) / 2
-    scored = [(entry("espeak:en-gb+m1", "statement", "one two three four"), 1),
-              (entry("espeak:en-gb+m2", "statement", "five"), 3)]
+    scored = [(entry("espeak:en-gb+m1", "statement"), 1, 4), (entry("espeak:en-gb+m2", "statement"), 3, 1)]
     assert word_error_rate(scored) == {"wer": 0.8, "n": 2}
 
 

@@ -56,17 +56,17 @@ def voice_group(voice: str) -> str:
 
 
 def group_by_voice(pairs: list[tuple]) -> dict[str, list[tuple]]:
-    """(entry, result) pairs grouped by `voice_group(entry.voice)`, groups in sorted order."""
+    """(entry, ...) tuples grouped by `voice_group(entry.voice)`, groups in sorted order."""
     groups: dict[str, list[tuple]] = {}
     for pair in pairs:
         groups.setdefault(voice_group(pair[0].voice), []).append(pair)
     return dict(sorted(groups.items()))
 
 
-def word_error_rate(pairs: list[tuple]) -> dict:
-    """`wer` and `n` of (entry, word errors) pairs, weighted by each reference's words."""
-    words = sum(len(normalise_words(entry.text)) for entry, _ in pairs)
-    return {"wer": sum(errors for _, errors in pairs) / max(1, words), "n": len(pairs)}
+def word_error_rate(scored: list[tuple]) -> dict:
+    """`wer` and `n` of (entry, word errors, reference words) triples: errors over words."""
+    words = sum(n for _, _, n in scored)
+    return {"wer": sum(errors for _, errors, _ in scored) / max(1, words), "n": len(scored)}
 
 
 def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
@@ -80,7 +80,7 @@ def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
     for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
         hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav)))
-        scored.append((entry, word_errors(hyp, ref)))
+        scored.append((entry, word_errors(hyp, ref), len(ref)))
         logger.debug("%s | ref: %s | hyp: %s", entry.id, " ".join(ref), " ".join(hyp))
     by_voice = {group: word_error_rate(pairs) for group, pairs in group_by_voice(scored).items()}
     return word_error_rate(scored) | {"by_voice": by_voice}

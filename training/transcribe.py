@@ -14,7 +14,7 @@ import torch
 
 from quantized_models.adapter import AdapterCache
 from quantized_models.encoder import EncoderCache
-from quantized_models.frontend import CHUNK_SAMPLES, FrontendCache, frontend_step
+from quantized_models.frontend import CHUNK_SAMPLES, SAMPLE_RATE_HZ, FrontendCache, frontend_step
 from quantized_models.llm import LlmKvCache
 from quantized_models.model_dir import FreezeOmniModels
 from training.model_config import TRANSCRIBE_TASK_ID
@@ -26,7 +26,6 @@ of the 7,415 spoken texts of `train data --size full --seed 0`, 99 % hold under 
 per second of their speech, and all 29,660 of seeds 0–3 are within the cap. A longer one is the
 LLM looping ("uh uh uh ..."), which cost 3.5 points of `eval asr`'s WER on one filler."""
 TRANSCRIPT_TOKEN_SLACK = 8
-SAMPLE_RATE_HZ = 16_000
 
 
 def transcript_token_cap(num_samples: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
