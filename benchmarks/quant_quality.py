@@ -29,6 +29,7 @@ import torch
 
 from assistant.dialogue import DecisionThresholds, decide
 from quantized_models.errors import ModelLoadError
+from quantized_models.llm import cache_keyword
 from quantized_models.quantize import (
     QuantizationMode,
     check_quantized_llm,
@@ -169,8 +170,9 @@ def _smol_greedy(
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    out = model(torch.tensor([prompt], device=model.device), past_key_values=cache, use_cache=True)
+    cache = DynamicCache(config=model.config)  # filled in place by every call
+    with_cache = {cache_keyword(model): cache, "use_cache": True}
+    out = model(torch.tensor([prompt], device=model.device), **with_cache)
     tokens: list[int] = []
     step_s: list[float] = []
     while True:
@@ -179,8 +181,7 @@ def _smol_greedy(
         if diverged or tokens[-1] == eos_id or len(tokens) == max_tokens:
             return tokens, step_s
         start = time.perf_counter()
-        out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=cache,
-                    use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]], device=model.device), **with_cache)
         step_s.append(time.perf_counter() - start)
 
 

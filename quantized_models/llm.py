@@ -11,6 +11,7 @@ assistant suffix tokens and then one sampled token per step.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,24 @@ class LlmKvCache:
         self.history_ids.clear()
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which `model.forward` takes a KV cache.
+
+    transformers 5.2x renamed `past_key_values` (argument and output) to `cache` and warns that
+    5.40 drops the old name, while `setup.cfg` allows every 5.x: reading the model's own
+    signature keeps both older and newer releases working.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def run_trunk(trunk: nn.Module, embeds: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+    """(last hidden states, KV cache) of `trunk(inputs_embeds=embeds)` after `past` (or none)."""
+    kwargs = {} if past is None else {cache_keyword(trunk): past}
+    out = trunk(inputs_embeds=embeds, use_cache=True, **kwargs)
+    new_past = getattr(out, "cache", None)
+    return out.last_hidden_state, out.past_key_values if new_past is None else new_past
+
+
 class ContextFullError(RuntimeError):
     """The dialogue no longer fits the LLM's context window."""
 
@@ -194,15 +213,9 @@ class FrozenLlm(nn.Module):
             from transformers import DynamicCache
 
             cache.past = DynamicCache(config=self.causal_lm.config)
-        trunk = self.causal_lm.model
-        out = trunk(
-            inputs_embeds=embeds.unsqueeze(0),  # (1, T, H)
-            past_key_values=cache.past,
-            use_cache=True,
-        )
-        cache.past = out.past_key_values
+        hidden, cache.past = run_trunk(self.causal_lm.model, embeds.unsqueeze(0), cache.past)  # (1, T, H)
         cache.history_ids.extend(ids)
-        return out.last_hidden_state[0]  # (T, H)
+        return hidden[0]  # (T, H)
 
     @torch.inference_mode()
     def prefill_system(self, role: str | None, tokenizer: Any, cache: LlmKvCache) -> list[int]:

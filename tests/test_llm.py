@@ -97,3 +97,35 @@ def test_kv_cache_crop_keeps_prefix(tiny_llm):
     assert cache.seq_length == before + len(llm.layout.assistant_suffix_ids) + 1
     cache.crop(before)
     assert cache.seq_length == before and len(cache.history_ids) == before
+
+
+def test_the_kv_cache_goes_under_the_keyword_the_installed_transformers_takes(tiny_llm):
+    """transformers 5.2x renamed `past_key_values` to `cache` and will drop the old name; the
+    wrapper must neither warn about it now nor lose the cache on either side of the rename."""
+    import warnings
+    from types import SimpleNamespace
+
+    from quantized_models.llm import cache_keyword, run_trunk
+
+    llm, tokenizer = tiny_llm
+    cache = LlmKvCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        llm.prefill_system(None, tokenizer, cache)
+        logits, _ = llm.start_answer(cache)
+    prefilled = cache.seq_length
+    assert prefilled > len(llm.layout.assistant_suffix_ids)
+
+    class OldTrunk(torch.nn.Module):  # a release before the rename
+        def forward(self, inputs_embeds, past_key_values=None, use_cache=None):
+            return SimpleNamespace(last_hidden_state=inputs_embeds, past_key_values=past_key_values)
+
+    class NewTrunk(torch.nn.Module):  # a release after the old name is gone
+        def forward(self, inputs_embeds, cache=None, use_cache=None):
+            return SimpleNamespace(last_hidden_state=inputs_embeds, cache=cache)
+
+    embeds = torch.zeros(1, 2, 3)
+    for trunk, keyword in ((OldTrunk(), "past_key_values"), (NewTrunk(), "cache")):
+        assert cache_keyword(trunk) == keyword
+        hidden, past = run_trunk(trunk, embeds, "the cache")
+        assert past == "the cache" and hidden is embeds

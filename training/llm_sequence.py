@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from quantized_models.adapter import DOWNSAMPLE_STRIDE
 from quantized_models.errors import ModelLoadError
-from quantized_models.llm import AudioLlmHeads, ChatLayout
+from quantized_models.llm import AudioLlmHeads, ChatLayout, run_trunk
 
 VECTORS_PER_CHUNK = 4 // DOWNSAMPLE_STRIDE  # 4 encoder frames per chunk -> 2 adapter vectors
 
@@ -129,8 +129,7 @@ class TurnLayout:
         if self._system_cache is None:
             with torch.no_grad():
                 system = self.embed(self.system_ids).unsqueeze(0)  # [1, s, H]
-                out = self.causal_lm.model(inputs_embeds=system, use_cache=True)
-            self._system_cache = out.past_key_values
+                _, self._system_cache = run_trunk(self.causal_lm.model, system, None)
         cache = copy.deepcopy(self._system_cache)
         cache.batch_repeat_interleave(rows)
         return cache
@@ -142,8 +141,8 @@ class TurnLayout:
         """
         # Right padding needs no mask: causal attention never lets a real position see it.
         prefix = self._system_prefix(batch.embeds.shape[0])
-        out = self.causal_lm.model(inputs_embeds=batch.embeds, past_key_values=prefix, use_cache=True)
-        return out.last_hidden_state
+        hidden, _ = run_trunk(self.causal_lm.model, batch.embeds, prefix)
+        return hidden
 
     def token_loss(self, hidden: Tensor, batch: LaidOutBatch) -> Tensor:
         """Mean cross-entropy of the target tokens (the LM head only at those positions)."""
