@@ -372,6 +372,11 @@ def test_eval_and_transcribe_commands(chain: dict, capsys) -> None:
     assert report["respond_within_2_chunks"] is not None and report["ignore_rate"] is not None
     assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav")]) == 0
     assert capsys.readouterr().out.endswith("\n")
+    assert main(["transcribe", *model, "--input", str(chain["data"] / "wav/u0.wav"), "--beam-width", "1"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", "asr", *model, "--data", str(chain["data"]), "--beam-width", "0"])
+    assert "must be 1 or more, not 0" in capsys.readouterr().err
     assert main(["eval", "dialogue", *model, "--data", str(chain["data"]), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"agreement", "keyword_agreement", "n"} and report["n"] == 1  # one test question
@@ -400,6 +405,37 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
     for seconds in (0.32, 1.0):
         transcribe(models, np.zeros(int(16_000 * seconds), dtype=np.float32))
     assert tokens == [transcript_token_cap(5_120), transcript_token_cap(16_000)]
+
+
+def test_beam_search_finds_the_likelier_transcript_greedy_decoding_misses() -> None:
+    from training.transcribe import beam_search
+
+    end, a, b, c, d, e = range(6)
+    table = {(): {a: 0.6, b: 0.4}, (a,): {c: 0.5, d: 0.45, end: 0.05}, (a, c): {end: 0.6, e: 0.4},
+             (a, d): {end: 0.99}}
+    other = {e: 0.6, end: 0.4}  # any other prefix, e.g. one whose state two hypotheses shared
+
+    def logits(prefix: tuple) -> torch.Tensor:
+        probs = torch.full((6,), 1e-9)
+        for token, p in table.get(prefix, other).items():
+            probs[token] = p
+        return probs.log()
+
+    def feed(token: int, fed: list) -> tuple[torch.Tensor, list]:  # changes its state, as the KV cache does
+        fed.append(token)
+        return logits(tuple(fed)), fed
+
+    def search(width: int) -> list[int]:
+        return beam_search(logits(()), [], feed, end, max_tokens=10, width=width)
+
+    # greedy: a, c, end (0.6 * 0.5 * 0.6 = 0.18); a, d, end is likelier (0.267), which only a
+    # beam that keeps "a" and "b", then "a c" and "a d" (each on its own copy of "a"'s state) finds
+    assert search(1) == [a, c]
+    assert search(2) == [a, d] == search(4)
+    table[("loop",)] = {e: 0.99, end: 0.01}  # a hypothesis that would never end stops at the cap
+    assert beam_search(logits(()), [], lambda t, s: (logits(("loop",)), s), end, max_tokens=3, width=2) == [a, e, e]
+    with pytest.raises(ValueError, match="at least 1"):
+        search(0)
 
 
 def test_average_of_stage3_runs_means_what_stage3_trains_and_loads_in_the_engine(chain: dict, tmp_path: Path):

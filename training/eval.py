@@ -69,17 +69,19 @@ def word_error_rate(scored: list[tuple]) -> dict:
     return {"wer": sum(errors for _, errors, _ in scored) / max(1, words), "n": len(scored)}
 
 
-def eval_asr(models, data_dir: Path, limit: int | None = None) -> dict:
-    """WER over the test split's utterances that have text, overall and per voice group."""
+def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int | None = None) -> dict:
+    """WER over the test split's utterances that have text, overall and per voice group
+    (transcripts by `transcribe`'s beam search; `beam_width` None: its default)."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
-    from training.transcribe import transcribe
+    from training.transcribe import DEFAULT_BEAM_WIDTH, transcribe
 
+    width = DEFAULT_BEAM_WIDTH if beam_width is None else beam_width
     entries = spread([e for e in read_manifest(data_dir, "test") if normalise_words(e.text)], limit)
     scored = []
     for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
-        hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav)))
+        hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav), beam_width=width))
         scored.append((entry, word_errors(hyp, ref), len(ref)))
         logger.debug("%s | ref: %s | hyp: %s", entry.id, " ".join(ref), " ".join(hyp))
     by_voice = {group: word_error_rate(pairs) for group, pairs in group_by_voice(scored).items()}

@@ -30,11 +30,28 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--by-voice", action="store_true",
                            help="also report each voice group (espeak accent, noise event) on its own "
                                 "(JSON: the key `by_voice`)")
+        if name == "asr":
+            _add_beam_arg(p)
     add_tts_eval_parser(kinds)
     add_codec_eval_parser(kinds)
     p = sub.add_parser("transcribe", help="print the frozen LLM's transcript of a speech file")
     _add_model_args(p)
     p.add_argument("--input", type=Path, required=True, help="speech wav (any rate, any channels)")
+    _add_beam_arg(p)
+
+
+def _add_beam_arg(p: argparse.ArgumentParser) -> None:
+    from training.transcribe import DEFAULT_BEAM_WIDTH
+
+    p.add_argument("--beam-width", type=_positive_int, default=DEFAULT_BEAM_WIDTH,
+                   help=f"beam search width of the LLM's transcript (1: greedy; default {DEFAULT_BEAM_WIDTH})")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +86,7 @@ def run_eval(args: argparse.Namespace) -> int:
     models = _load(args)
     keys = METRIC_KEYS
     if args.eval_kind == "asr":
-        metrics = eval_asr(models, args.data, args.limit)
+        metrics = eval_asr(models, args.data, args.limit, args.beam_width)
     elif args.eval_kind == "dialogue":
         from training.eval_dialogue import DIALOGUE_METRIC_KEYS, eval_dialogue
 
@@ -102,5 +119,5 @@ def run_transcribe(args: argparse.Namespace) -> int:
     from training.transcribe import transcribe
 
     samples = read_mono(args.input, 16_000)
-    print(transcribe(_load(args), np.asarray(samples, dtype=np.float32)))
+    print(transcribe(_load(args), np.asarray(samples, dtype=np.float32), beam_width=args.beam_width))
     return 0
