@@ -432,6 +432,12 @@ def test_beam_search_finds_the_likelier_transcript_greedy_decoding_misses() -> N
     # beam that keeps "a" and "b", then "a c" and "a d" (each on its own copy of "a"'s state) finds
     assert search(1) == [a, c]
     assert search(2) == [a, d] == search(4)
+    # a hypothesis that ended early does not stop the search while a live one is likelier:
+    # "a c" (0.35) beats "b" (0.27) and "a" (0.15), which both end a token before it
+    table.clear()
+    table.update({(): {a: 0.5, b: 0.3, end: 0.2}, (a,): {end: 0.3, c: 0.7}, (b,): {end: 0.9, e: 0.1},
+                  (a, c): {end: 1.0}})
+    assert search(2) == [a, c]
     table[("loop",)] = {e: 0.99, end: 0.01}  # a hypothesis that would never end stops at the cap
     assert beam_search(logits(()), [], lambda t, s: (logits(("loop",)), s), end, max_tokens=3, width=2) == [a, e, e]
     with pytest.raises(ValueError, match="at least 1"):
