@@ -11,6 +11,7 @@ assistant suffix tokens and then one sampled token per step.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -149,7 +150,12 @@ def cache_keyword(model: nn.Module) -> str:
     5.40 drops the old name, while `setup.cfg` allows every 5.x: reading the model's own
     signature keeps both older and newer releases working.
     """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(model))
+
+
+@functools.cache
+def _cache_keyword_of(model_type: type) -> str:  # once per class: the engine calls it every chunk
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def run_trunk(trunk: nn.Module, embeds: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
