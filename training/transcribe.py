@@ -64,7 +64,7 @@ class _Hypothesis:
     log_prob: float
     ids: tuple[int, ...]
     state: Any
-    """What `feed` continues from: the state after `ids[:-1]` (all of `ids` once fed)."""
+    """The state after feeding all of `ids`: what `feed` continues from."""
 
 
 def beam_search(
