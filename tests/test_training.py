@@ -391,15 +391,12 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
     assert transcript_token_cap(16_000 * 60) == 96  # the fixed cap still bounds long audio
     models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
     llm, end = models.llm, models.llm.layout.end_of_turn_id
+    head = llm.causal_lm.get_output_embeddings()
 
-    def never_ending(step):  # the LLM's own logits, with the end of the answer ruled out
-        def wrapped(*args):
-            logits, rest = step(*args)
-            return logits.index_fill(-1, torch.tensor([end]), float("-inf")), rest
-        return wrapped
+    def never_ending(hidden):  # the LLM's own logits, with the end of the answer ruled out
+        return head(hidden).index_fill(-1, torch.tensor([end]), float("-inf"))
 
-    monkeypatch.setattr(llm, "start_answer", never_ending(llm.start_answer))
-    monkeypatch.setattr(llm, "feed_token", never_ending(llm.feed_token))
+    monkeypatch.setattr(llm.causal_lm, "get_output_embeddings", lambda: never_ending)
     tokens = []
     monkeypatch.setattr(models.tokenizer, "decode", lambda ids, **_: tokens.append(len(ids)) or "")
     for seconds in (0.32, 1.0):
@@ -421,15 +418,16 @@ def test_beam_search_finds_the_likelier_transcript_greedy_decoding_misses() -> N
             probs[token] = p
         return probs.log()
 
-    def feed(token: int, fed: list) -> tuple[torch.Tensor, list]:  # changes its state, as the KV cache does
-        fed.append(token)
-        return logits(tuple(fed)), fed
+    def feed(tokens: list, parents: list, rows: list) -> tuple[torch.Tensor, list]:  # a BatchFeed
+        rows = [rows[p] + (t,) for t, p in zip(tokens, parents)]  # row i continues row parents[i]
+        return torch.stack([logits(row) for row in rows]), rows
 
     def search(width: int) -> list[int]:
-        return beam_search(logits(()), [], feed, end, max_tokens=10, width=width)
+        return beam_search(logits(()), [()], feed, end, max_tokens=10, width=width)
 
     # greedy: a, c, end (0.6 * 0.5 * 0.6 = 0.18); a, d, end is likelier (0.267), which only a
-    # beam that keeps "a" and "b", then "a c" and "a d" (each on its own copy of "a"'s state) finds
+    # beam that keeps "a" and "b", then "a c" and "a d" (both continuing "a"'s row) finds; it
+    # fails when rows are fed in their own order instead of their parents'
     assert search(1) == [a, c]
     assert search(2) == [a, d] == search(4)
     # a hypothesis that ended early does not stop the search while a live one is likelier:
@@ -439,9 +437,50 @@ def test_beam_search_finds_the_likelier_transcript_greedy_decoding_misses() -> N
                   (a, c): {end: 1.0}})
     assert search(2) == [a, c]
     table[("loop",)] = {e: 0.99, end: 0.01}  # a hypothesis that would never end stops at the cap
-    assert beam_search(logits(()), [], lambda t, s: (logits(("loop",)), s), end, max_tokens=3, width=2) == [a, e, e]
+    loop = lambda tokens, parents, rows: (torch.stack([logits(("loop",))] * len(tokens)), rows)  # noqa: E731
+    assert beam_search(logits(()), [()], loop, end, max_tokens=3, width=2) == [a, e, e]
     with pytest.raises(ValueError, match="at least 1"):
         search(0)
+
+
+def test_batched_beam_rows_match_the_engine_feeding_each_hypothesis_alone(chain: dict) -> None:
+    import copy
+
+    from quantized_models.llm import LlmKvCache
+    from quantized_models.model_dir import load_models
+    from training.transcribe import batched_feed, beam_search
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    llm = models.llm
+    context = LlmKvCache()
+    llm.prefill_system(None, models.tokenizer, context)
+    llm.run(torch.randn(6, llm.hidden_size, generator=torch.Generator().manual_seed(0)), context, [None] * 6)
+    first_logits, _ = llm.start_answer(context)
+    end = int(first_logits.argsort()[-10])  # a token the tiny LLM predicts now and then, as the end
+    batched, seen = batched_feed(llm), {"batched": [], "alone": [], "parents": []}
+
+    def feed_alone(tokens: list, parents: list, caches: list) -> tuple[torch.Tensor, list]:
+        caches = [copy.deepcopy(caches[p]) for p in parents]  # the engine's path, one row at a time
+        logits = torch.stack([llm.feed_token(t, cache)[0] for t, cache in zip(tokens, caches)])
+        seen["alone"].append(logits)
+        return logits, caches
+
+    def feed_batched(tokens: list, parents: list, past) -> tuple[torch.Tensor, object]:
+        logits, past = batched(tokens, parents, past)
+        seen["batched"].append(logits)
+        seen["parents"].append(parents)
+        return logits, past
+
+    for width in (1, 2, 4):
+        for key in seen:
+            seen[key].clear()
+        alone = beam_search(first_logits, [copy.deepcopy(context)], feed_alone, end, 12, width)
+        together = beam_search(first_logits, copy.deepcopy(context).past, feed_batched, end, 12, width)
+        assert together == alone and len(seen["batched"]) == len(seen["alone"]) > 1
+        for got, want in zip(seen["batched"], seen["alone"]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if width > 1:  # rows were reordered, not only continued in place
+            assert any(parents != list(range(len(parents))) for parents in seen["parents"][1:])
 
 
 def test_average_of_stage3_runs_means_what_stage3_trains_and_loads_in_the_engine(chain: dict, tmp_path: Path):
