@@ -404,6 +404,25 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
     assert tokens == [transcript_token_cap(5_120), transcript_token_cap(16_000)]
 
 
+def test_audio_too_long_for_the_llm_context_is_refused_before_encoding(chain: dict, monkeypatch) -> None:
+    import re
+
+    import training.transcribe as transcribe_module
+    from quantized_models.model_dir import load_models
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(models.llm, "max_context_tokens", 120)
+    encoded = []
+    real_stream = transcribe_module.stream_vectors
+    monkeypatch.setattr(transcribe_module, "stream_vectors", lambda *a: encoded.append(1) or real_stream(*a))
+    with pytest.raises(ValueError, match="do not fit the LLM's context of 120 positions") as refused:
+        transcribe_module.transcribe(models, np.zeros(16_000 * 20, dtype=np.float32))
+    assert not encoded
+    longest_s = float(re.search(r"at most (\d+) s", str(refused.value)).group(1))
+    transcribe_module.transcribe(models, np.zeros(int(16_000 * longest_s), dtype=np.float32))  # fits
+    assert encoded
+
+
 def test_beam_search_finds_the_likelier_transcript_greedy_decoding_misses() -> None:
     from training.transcribe import beam_search
 

@@ -166,5 +166,5 @@ def _check_fits_context(llm: Any, num_samples: int, other_positions: int) -> Non
         longest_s = (llm.max_context_tokens - needed + per_chunk * chunks) // per_chunk * CHUNK_SAMPLES / SAMPLE_RATE_HZ
         raise ValueError(
             f"{num_samples / SAMPLE_RATE_HZ:.0f} s of audio do not fit the LLM's context of "
-            f"{llm.max_context_tokens} positions; split it into parts of at most {longest_s:.0f} s"
+            f"{llm.max_context_tokens} positions; split it into parts of at most {int(longest_s)} s"
         )
