@@ -404,6 +404,42 @@ def test_a_transcript_that_never_ends_stops_at_the_audio_length_cap(chain: dict,
     assert tokens == [transcript_token_cap(5_120), transcript_token_cap(16_000)]
 
 
+def test_no_words_when_the_llm_would_end_the_transcript_at_once(chain: dict, monkeypatch) -> None:
+    from quantized_models.model_dir import load_models
+    from training.transcribe import NO_SPEECH_END_PROBABILITY, transcribe
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    end, word = models.llm.layout.end_of_turn_id, models.tokenizer.encode("hello")[0]
+    p_end = {"value": 10 * NO_SPEECH_END_PROBABILITY}
+
+    def head(hidden):  # "hello" is by far the likeliest token; ending at once has p_end["value"]
+        logits = torch.full((*hidden.shape[:-1], models.llm.causal_lm.config.vocab_size), -30.0)
+        logits[..., word] = 0.0
+        logits[..., end] = float(np.log(p_end["value"]))
+        return logits
+
+    monkeypatch.setattr(models.llm.causal_lm, "get_output_embeddings", lambda: head)
+    audio = np.zeros(16_000, dtype=np.float32)
+    assert transcribe(models, audio) == ""
+    assert "hello" in transcribe(models, audio, no_speech_end_probability=None)  # the beam goes on
+    p_end["value"] = NO_SPEECH_END_PROBABILITY / 10
+    assert "hello" in transcribe(models, audio)
+
+
+def test_transcribe_command_prints_no_words_for_a_file_without_speech(chain: dict, tmp_path: Path,
+                                                                       capsys, caplog) -> None:
+    import soundfile
+
+    from assistant.cli import main
+
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(8_000 * 2, dtype=np.float32), 8_000)
+    model = ["--model-dir", str(chain["model_dir"]), "--llm-dir", str(chain["llm_dir"])]
+    assert main(["transcribe", *model, "--input", str(silent)]) == 0
+    assert capsys.readouterr().out == "\n"
+    assert "holds no speech" in caplog.text
+
+
 def test_audio_too_long_for_the_llm_context_is_refused_before_encoding(chain: dict, monkeypatch) -> None:
     import re
 

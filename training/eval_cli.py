@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from training.eval import METRIC_KEYS, eval_asr, eval_states
 from training.codec.cli import add_codec_eval_parser, run_codec_eval
 from training.stages_cli import add_compute_args
 from training.tts.cli import add_tts_eval_parser, run_eval_tts
+
+logger = logging.getLogger(__name__)
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -118,6 +121,21 @@ def run_transcribe(args: argparse.Namespace) -> int:
     from audio_io.wav_file import read_mono
     from training.transcribe import transcribe
 
-    samples = read_mono(args.input, 16_000)
-    print(transcribe(_load(args), np.asarray(samples, dtype=np.float32), beam_width=args.beam_width))
+    samples = np.asarray(read_mono(args.input, 16_000), dtype=np.float32)
+    if not _has_speech(samples, 16_000):
+        logger.warning("%s holds no speech (voice activity detection): no transcript", args.input)
+        print("")
+        return 0
+    print(transcribe(_load(args), samples, beam_width=args.beam_width))
     return 0
+
+
+def _has_speech(samples: np.ndarray, rate_hz: int) -> bool:
+    """Whether webrtcvad finds speech anywhere in `samples`: the LLM writes a sentence for
+    silence or a faint hiss (training/README.md), so such files are not sent to it."""
+    from audio_io.vad import VadEventKind, VadGate
+
+    gate = VadGate(sample_rate_hz=rate_hz)
+    margin = np.zeros(rate_hz // 2, dtype=np.float32)  # the gate's settling time falls on silence
+    events = gate.push(np.concatenate([margin, samples, margin]))
+    return any(event.kind == VadEventKind.START for event in events)
