@@ -420,10 +420,10 @@ def test_no_words_when_the_llm_would_end_the_transcript_at_once(chain: dict, mon
 
     monkeypatch.setattr(models.llm.causal_lm, "get_output_embeddings", lambda: head)
     audio = np.zeros(16_000, dtype=np.float32)
-    assert transcribe(models, audio) == ""
-    assert "hello" in transcribe(models, audio, no_speech_end_probability=None)  # the beam goes on
+    assert transcribe(models, audio, no_speech_end_probability=NO_SPEECH_END_PROBABILITY) == ""
+    assert "hello" in transcribe(models, audio)  # no threshold by default: the beam goes on
     p_end["value"] = NO_SPEECH_END_PROBABILITY / 10
-    assert "hello" in transcribe(models, audio)
+    assert "hello" in transcribe(models, audio, no_speech_end_probability=NO_SPEECH_END_PROBABILITY)
 
 
 def test_transcribe_command_prints_no_words_for_a_file_without_speech(chain: dict, tmp_path: Path,
@@ -438,6 +438,37 @@ def test_transcribe_command_prints_no_words_for_a_file_without_speech(chain: dic
     assert main(["transcribe", *model, "--input", str(silent)]) == 0
     assert capsys.readouterr().out == "\n"
     assert "holds no speech" in caplog.text
+
+
+def test_the_no_speech_threshold_travels_with_the_model_directory(chain: dict, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:
+    import json
+    import shutil
+
+    import training.transcribe as transcribe_module
+    from assistant.cli import main
+    from training.transcribe import NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY, model_no_speech_probability
+
+    info = json.loads((chain["model_dir"] / "TRAINING.json").read_text())
+    assert info[NO_SPEECH_KEY] == NO_SPEECH_END_PROBABILITY  # `train export` records it
+    released = tmp_path / "released"  # a model directory this package did not train: no threshold
+    shutil.copytree(chain["model_dir"], released)
+    (released / "TRAINING.json").unlink()
+    assert model_no_speech_probability(released) is None
+    seen = []
+    monkeypatch.setattr(transcribe_module, "transcribe", lambda *a, **kw: seen.append(kw) or "words")
+    wav = str(chain["data"] / "wav/u0.wav")
+    for model_dir in (chain["model_dir"], released):
+        assert main(["transcribe", "--model-dir", str(model_dir), "--llm-dir", str(chain["llm_dir"]),
+                     "--input", wav]) == 0
+    assert [kw["no_speech_end_probability"] for kw in seen] == [NO_SPEECH_END_PROBABILITY, None]
+    assert main(["eval", "asr", "--model-dir", str(chain["model_dir"]), "--llm-dir", str(chain["llm_dir"]),
+                 "--data", str(chain["data"]), "--json"]) == 0
+    assert seen[-1]["no_speech_end_probability"] == NO_SPEECH_END_PROBABILITY
+    capsys.readouterr()
+    (released / "TRAINING.json").write_text(json.dumps({NO_SPEECH_KEY: 2.0}))
+    with pytest.raises(ValueError, match="must be a probability"):
+        model_no_speech_probability(released)
 
 
 def test_audio_too_long_for_the_llm_context_is_refused_before_encoding(chain: dict, monkeypatch) -> None:

@@ -69,9 +69,11 @@ def word_error_rate(scored: list[tuple]) -> dict:
     return {"wer": sum(errors for _, errors, _ in scored) / max(1, words), "n": len(scored)}
 
 
-def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int | None = None) -> dict:
+def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int | None = None,
+             no_speech_end_probability: float | None = None) -> dict:
     """WER over the test split's utterances that have text, overall and per voice group
-    (transcripts by `transcribe`'s beam search; `beam_width` None: its default)."""
+    (transcripts by `transcribe`'s beam search; `beam_width` None: its default; the no-speech
+    threshold as `transcribe` takes it)."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
     from training.transcribe import DEFAULT_BEAM_WIDTH, transcribe
@@ -81,7 +83,9 @@ def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int |
     scored = []
     for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
-        hyp = normalise_words(transcribe(models, load_wav(data_dir / entry.wav), beam_width=width))
+        text = transcribe(models, load_wav(data_dir / entry.wav), beam_width=width,
+                          no_speech_end_probability=no_speech_end_probability)
+        hyp = normalise_words(text)
         scored.append((entry, word_errors(hyp, ref), len(ref)))
         logger.debug("%s | ref: %s | hyp: %s", entry.id, " ".join(ref), " ".join(hyp))
     by_voice = {group: word_error_rate(pairs) for group, pairs in group_by_voice(scored).items()}

@@ -89,7 +89,10 @@ def run_eval(args: argparse.Namespace) -> int:
     models = _load(args)
     keys = METRIC_KEYS
     if args.eval_kind == "asr":
-        metrics = eval_asr(models, args.data, args.limit, args.beam_width)
+        from training.transcribe import model_no_speech_probability
+
+        metrics = eval_asr(models, args.data, args.limit, args.beam_width,
+                           model_no_speech_probability(args.model_dir))
     elif args.eval_kind == "dialogue":
         from training.eval_dialogue import DIALOGUE_METRIC_KEYS, eval_dialogue
 
@@ -119,14 +122,15 @@ def _print_metrics(metrics: dict, indent: str = "") -> None:
 
 def run_transcribe(args: argparse.Namespace) -> int:
     from audio_io.wav_file import read_mono
-    from training.transcribe import transcribe
+    from training.transcribe import model_no_speech_probability, transcribe
 
     samples = np.asarray(read_mono(args.input, 16_000), dtype=np.float32)
     if not _has_speech(samples, 16_000):
         logger.warning("%s holds no speech (voice activity detection): no transcript", args.input)
         print("")
         return 0
-    print(transcribe(_load(args), samples, beam_width=args.beam_width))
+    threshold = model_no_speech_probability(args.model_dir)
+    print(transcribe(_load(args), samples, beam_width=args.beam_width, no_speech_end_probability=threshold))
     return 0
 
 

@@ -20,6 +20,7 @@ from quantized_models.random_model import RandomModelSpec, _write_codec, _write_
 from training.common import save_atomic
 from training.features import write_cmvn
 from training.model_config import load_result
+from training.transcribe import NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         write_cmvn(result["cmvn"], out / "audiollm" / "global_cmvn")
         save_atomic(result["state"], out / "audiollm" / "final.pt")
         info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
+    info.setdefault(NO_SPEECH_KEY, NO_SPEECH_END_PROBABILITY)  # chosen for this package's models
     info["speech_output"] = _speech_output(out, int(cfg["model_conf"]["llm_embed_dim"]), speech_from, seed)
     (out / INFO_NAME).write_text(json.dumps(info, indent=1))
     return out

@@ -7,9 +7,11 @@ and adapter run through the engine's streaming backend, chunk by chunk, exactly 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +35,15 @@ per second of their speech, and all 29,660 of seeds 0–3 are within the cap. A 
 LLM looping ("uh uh uh ..."), which cost 3.5 points of `eval asr`'s WER on one filler."""
 TRANSCRIPT_TOKEN_SLACK = 8
 NO_SPEECH_END_PROBABILITY = 10 ** -4.5
-"""`transcribe` returns no words when the frozen LLM's probability of ending the transcript before
-its first token is at least this. Stage 2 never showed it audio without words, so it writes a
-fluent sentence for a cough or for silence, yet it is then far readier to end at once: on the
-unheard valid split every one of 335 spoken utterances stayed below 10^-4.8, while 20 of 28
-coughs, bursts, knocks, breaths, silences and hisses reached 10^-4.5 (training/README.md)."""
+"""The no-speech threshold `train export` records for the models this package trains: `transcribe`
+returns no words when the frozen LLM's probability of ending the transcript before its first token
+is at least this. Stage 2 never showed it audio without words, so it writes a fluent sentence for
+a cough or for silence, yet it is then far readier to end at once: for the kept model, on the
+unheard valid split, every one of 335 spoken utterances stayed below 10^-4.8, while 20 of 28
+coughs, bursts, knocks, breaths, silences and hisses reached 10^-4.5 (training/README.md). Another
+model (the released one) has its own scale, so a model directory without it gets no threshold."""
+NO_SPEECH_KEY = "no_speech_end_probability"
+"""Its key in the model directory's `TRAINING.json`."""
 DEFAULT_BEAM_WIDTH = 4
 """Beam width of `transcribe`: on the unheard valid split (120 utterances) width 8 was no better
 than 4. On 120 held-out test utterances of the kept model it gives a WER of 44.4 %, greedy
@@ -147,7 +153,7 @@ def transcribe(
     samples: np.ndarray,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     beam_width: int = DEFAULT_BEAM_WIDTH,
-    no_speech_end_probability: float | None = NO_SPEECH_END_PROBABILITY,
+    no_speech_end_probability: float | None = None,
 ) -> str:
     """Transcript of `samples` ([S] float in ±1 at 16 kHz) by a beam search of `beam_width`
     (1: greedy), at most `transcript_token_cap(S, max_tokens)` tokens; "" when the LLM would end
@@ -182,3 +188,17 @@ def _check_fits_context(llm: Any, num_samples: int, other_positions: int) -> Non
             f"{num_samples / SAMPLE_RATE_HZ:.0f} s of audio do not fit the LLM's context of "
             f"{llm.max_context_tokens} positions; split it into parts of at most {int(longest_s)} s"
         )
+
+
+def model_no_speech_probability(model_dir: Path) -> float | None:
+    """The no-speech threshold a model directory's `TRAINING.json` records, or None (none there)."""
+    info_file = Path(model_dir) / "TRAINING.json"
+    if not info_file.is_file():
+        return None
+    try:
+        value = json.loads(info_file.read_text()).get(NO_SPEECH_KEY)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{info_file} is not a JSON object ({err}); export the model again") from err
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f"{info_file}: {NO_SPEECH_KEY} must be a probability in (0, 1], not {value!r}")
+    return None if value is None else float(value)
