@@ -133,7 +133,6 @@ def batched_feed(llm: Any) -> BatchFeed:
     4 times as long: `eval asr` on 120 utterances ran in 182 s instead of 306 s (training/README.md)."""
     head = llm.causal_lm.get_output_embeddings()
     like = llm.heads.prompt_embeddings.weight  # device and dtype of the token embeddings
-
     rows = 1  # the cache's batch size: the context before the first token is one row
 
     def feed(tokens: list[int], parents: list[int], past: Any) -> tuple[torch.Tensor, Any]:
