@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,13 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from assistant.daemon_config import DialogueSettings
 from assistant.dialogue import Decision, TurnEnd
 from assistant.engine import Engine, ListenResult
 from assistant.segmentation import Segment
 from assistant.session import SessionState
-from quantized_models.frontend import CHUNK_SAMPLES
+from quantized_models.frontend import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 logger = logging.getLogger(__name__)
+
+TRAILING_SILENCE_S = DialogueSettings.silence_end_s
+"""With the model's turn end, a file that ends undecided is followed by up to this much silence,
+as a live stream is: the daemon waits `dialogue.silence_end_s` after the user stops for the state
+head's decision. Many non-queries are ignored only in that silence (the heads are trained and
+evaluated with 2 silent chunks after each turn): without it a recorded cough was answered."""
 
 
 @dataclass
@@ -68,7 +76,11 @@ def _listen(engine: Engine, state: SessionState, samples: np.ndarray, turn_end: 
     follow = turn_end is TurnEnd.MODEL
     start = time.perf_counter()
     decision = Decision.CONTINUE
-    for chunk in split_chunks(samples):
+    chunks = split_chunks(samples)
+    if follow:
+        silent_chunks = math.ceil(TRAILING_SILENCE_S * SAMPLE_RATE_HZ / CHUNK_SAMPLES)
+        chunks += [torch.zeros(CHUNK_SAMPLES)] * silent_chunks
+    for chunk in chunks:
         listened, state = engine.listen_chunk(state, chunk, follow_decision=follow)
         result.chunks.append(listened)
         decision = listened.decision
@@ -136,6 +148,7 @@ def run_turn(engine: Engine, samples: np.ndarray, turn_end: TurnEnd, seed: int |
         result.answered, result.end_reason = False, "ignored"
         return result
     if decision is Decision.CONTINUE:
-        logger.info("the state head never ended the turn; answering at the end of the input")
+        logger.info("the state head never ended the turn (%.1f s of silence after the input); "
+                    "answering", TRAILING_SILENCE_S)
     _answer(engine, state, result)
     return result

@@ -171,3 +171,46 @@ def test_segment_without_text_is_silent(engine, tiny_dir):
     assert list(engine.speak_segment(state, Segment(text="", hidden_states=[hidden]))) == []
     assert state.speech.done and state.speech.tts_token_ids == []
     assert state.answer.spoken[-1].finished and state.answer.spoken[-1].samples == 0
+
+
+class _ScriptedListener:
+    """Stand-in engine for `run_turn`: `continue` on every chunk but the `decide_at`-th one fed."""
+
+    def __init__(self, decide_at: int | None, decision: Decision = Decision.IGNORE) -> None:
+        self.decide_at, self.decision, self.fed = decide_at, decision, []
+
+    def new_session(self, seed=None):
+        return object()
+
+    def prefill_system(self, state, role=None):
+        return state
+
+    def listen_chunk(self, state, chunk, follow_decision):
+        from assistant.engine import ListenResult
+
+        self.fed.append(chunk)
+        decision = self.decision if len(self.fed) == self.decide_at else Decision.CONTINUE
+        return ListenResult(torch.zeros(3), (1.0, 0.0, 0.0), decision), state
+
+
+def test_a_file_turn_ending_undecided_is_followed_by_the_silence_a_live_stream_brings(monkeypatch):
+    import math
+
+    import numpy as np
+
+    import assistant.respond as respond
+
+    samples = np.full(3 * 2560, 0.1, dtype=np.float32)  # 3 chunks of sound
+    late = _ScriptedListener(decide_at=5)  # the head ignores the sound on the 2nd silent chunk
+    result = run_turn(late, samples, TurnEnd.MODEL, seed=0)
+    assert not result.answered and result.end_reason == "ignored"
+    assert len(late.fed) == 5 and not late.fed[3].any() and not late.fed[4].any()
+    answered = []
+    monkeypatch.setattr(respond, "_answer", lambda engine, state, result: answered.append(result))
+    never = _ScriptedListener(decide_at=None)  # undecided after the whole silence: answered, as before
+    run_turn(never, samples, TurnEnd.MODEL, seed=0)
+    silent = math.ceil(respond.TRAILING_SILENCE_S / 0.16)
+    assert len(never.fed) == 3 + silent == 16 and len(answered) == 1
+    whole_file = _ScriptedListener(decide_at=5)
+    run_turn(whole_file, samples, TurnEnd.FILE, seed=0)
+    assert len(whole_file.fed) == 3 and len(answered) == 2  # the file is the turn: nothing after it
