@@ -121,11 +121,12 @@ def _print_metrics(metrics: dict, indent: str = "") -> None:
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
+    from audio_io.constants import MODEL_INPUT_RATE_HZ
     from audio_io.wav_file import read_mono
     from training.transcribe import model_no_speech_probability, transcribe
 
-    samples = np.asarray(read_mono(args.input, 16_000), dtype=np.float32)
-    if not _has_speech(samples, 16_000):
+    samples = np.asarray(read_mono(args.input, MODEL_INPUT_RATE_HZ), dtype=np.float32)
+    if not _has_speech(samples, MODEL_INPUT_RATE_HZ):
         logger.warning("%s holds no speech (voice activity detection): no transcript", args.input)
         print("")
         return 0

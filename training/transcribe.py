@@ -168,10 +168,12 @@ def transcribe(
     embeds = torch.cat([llm.embed_tokens(opening_ids, vectors), task, vectors])
     llm.run(embeds, cache, [*opening_ids] + [None] * (embeds.shape[0] - len(opening_ids)))
     logits, _ = llm.start_answer(cache)
-    end_probability = float(torch.softmax(logits.float(), -1)[llm.layout.end_of_turn_id])
-    if no_speech_end_probability is not None and end_probability >= no_speech_end_probability:
-        logger.info("no speech: the LLM would end the transcript at once with probability %.2g", end_probability)
-        return ""
+    if no_speech_end_probability is not None:
+        end_probability = float(torch.softmax(logits.float(), -1)[llm.layout.end_of_turn_id])
+        if end_probability >= no_speech_end_probability:
+            logger.info("no speech: the LLM would end the transcript at once with probability %.2g",
+                        end_probability)
+            return ""
     ids = beam_search(logits, cache.past, batched_feed(llm), llm.layout.end_of_turn_id, cap, beam_width)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -179,10 +181,9 @@ def transcribe(
 def _check_fits_context(llm: Any, num_samples: int, other_positions: int) -> None:
     """Refuse, before encoding anything, audio whose vectors would overflow the LLM's context."""
     chunks = max(1, -(-num_samples // CHUNK_SAMPLES))
-    per_chunk = VECTORS_PER_CHUNK  # adapter vectors per 160 ms chunk
-    needed = other_positions + len(llm.layout.assistant_suffix_ids) + per_chunk * chunks
-    if needed > llm.max_context_tokens:
-        longest_s = (llm.max_context_tokens - needed + per_chunk * chunks) // per_chunk * CHUNK_SAMPLES / SAMPLE_RATE_HZ
+    room = llm.max_context_tokens - other_positions - len(llm.layout.assistant_suffix_ids)  # for vectors
+    if VECTORS_PER_CHUNK * chunks > room:
+        longest_s = room // VECTORS_PER_CHUNK * CHUNK_SAMPLES / SAMPLE_RATE_HZ
         raise ValueError(
             f"{num_samples / SAMPLE_RATE_HZ:.0f} s of audio do not fit the LLM's context of "
             f"{llm.max_context_tokens} positions; split it into parts of at most {int(longest_s)} s"
