@@ -103,6 +103,10 @@ class WorldCodecConfig:
     """File next to model.json with the codebook tensors."""
     feature_decoder: dict[str, int] | None = None
     """Sizes of the feature decoder (`FeatureDecoderDims.to_json`), or None: decode centroids."""
+    constant_pitch: bool = False
+    """Ids do not code f0: every voiced frame is synthesised at the training speech's mean log
+    f0. The codebook's distance then spends nothing on pitch, and the speech decoder need not
+    guess a pitch the text does not determine (pocketsphinx heard flat and natural pitch alike)."""
 
     def feature_decoder_dims(self) -> FeatureDecoderDims | None:
         if self.feature_decoder is None:
@@ -150,6 +154,7 @@ class WorldCodecConfig:
             "n_codes": self.n_codes, "sp_dims": self.sp_dims, "f0_floor_hz": self.f0_floor_hz,
             "f0_ceil_hz": self.f0_ceil_hz, "weights": list(self.weights),
             "codebook_file": self.codebook_file, "feature_decoder": self.feature_decoder,
+            "constant_pitch": self.constant_pitch,
         }
 
     @classmethod
@@ -164,6 +169,7 @@ class WorldCodecConfig:
                 weights=tuple(float(w) for w in cfg["weights"]),  # type: ignore[arg-type]
                 codebook_file=str(cfg.get("codebook_file", "final.pt")),
                 feature_decoder=cfg.get("feature_decoder"),
+                constant_pitch=_flag(cfg.get("constant_pitch", False), "constant_pitch"),
             )
             config.feature_decoder_dims()  # validates its sizes
         except (KeyError, TypeError, ValueError) as err:
@@ -185,6 +191,23 @@ class WorldCodecConfig:
             problems.append("need 0 < f0_floor_hz < f0_ceil_hz")
         if problems:
             raise ModelLoadError(f"{source}: unusable WORLD codec config: {'; '.join(problems)}.")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def normalised_vectors(config: WorldCodecConfig, frames: np.ndarray, mean: np.ndarray,
+                       scale: np.ndarray) -> np.ndarray:
+    """Frames [T * frames_per_token, frame_dims] -> normalised token vectors [T, vector_dims]:
+    group means, normalised; with `constant_pitch` the log-f0 entries are 0 (the mean)."""
+    grouped = frames.reshape(-1, config.frames_per_group, config.frame_dims).mean(axis=1)  # [T * G, D]
+    vectors = (grouped.reshape(-1, config.vector_dims) - mean) / scale
+    if config.constant_pitch:
+        vectors[:, config.sp_dims::config.frame_dims] = 0.0
+    return vectors
 
 
 def read_codec_json(path: Path) -> dict[str, Any]:
@@ -262,11 +285,7 @@ class WorldCodec(nn.Module):
 
     def frame_vectors(self, frames: np.ndarray) -> np.ndarray:
         """`token_frames` [T * frames_per_token, frame_dims] -> normalised token vectors [T, vector_dims]."""
-        cfg = self.dims
-        n_tokens = frames.shape[0] // cfg.frames_per_token
-        grouped = frames.reshape(n_tokens * cfg.groups_per_token, cfg.frames_per_group, cfg.frame_dims)
-        raw = grouped.mean(axis=1).reshape(n_tokens, cfg.vector_dims)  # [T, G * frame_dims]
-        return (raw - self.mean) / self.scale
+        return normalised_vectors(self.dims, frames, self.mean, self.scale)
 
     def quantize(self, vectors: np.ndarray) -> np.ndarray:
         """Normalised vectors [T, D] -> nearest codebook ids [T] (int64)."""
@@ -308,6 +327,8 @@ class WorldCodec(nn.Module):
         sp_end = cfg.sp_dims
         coded_sp = np.ascontiguousarray(frames[:, :sp_end])
         log_f0, voicing = frames[:, sp_end], frames[:, sp_end + 1]
+        if cfg.constant_pitch:
+            log_f0 = np.full_like(log_f0, self.mean[sp_end])
         coded_ap = np.ascontiguousarray(frames[:, sp_end + 2:])
         f0 = np.where(voicing > VOICED_THRESHOLD, np.exp(log_f0), 0.0)
         sp = np.maximum(pw.decode_spectral_envelope(coded_sp, cfg.sampling_rate, cfg.fft_size), MIN_SPECTRUM)

@@ -12,7 +12,7 @@ import torch
 from quantized_models.codec_stream import CodecStreamConfig, CodecStreamState, flush, push_token
 from quantized_models.errors import ModelLoadError
 from quantized_models.model_dir import load_codec_folder
-from quantized_models.world_codec import WorldCodec, WorldCodecConfig, load_world_codec, save_world_codec
+from quantized_models.world_codec import WorldCodec, WorldCodecConfig, load_world_codec, pyworld, save_world_codec
 from training.codec import load_codec_encoder
 from training.codec.fit import FitSettings, fit_codec
 
@@ -147,3 +147,33 @@ def test_committed_artifact_loads() -> None:
     assert enc.sample_rate_hz == 24_000 and enc.n_codes == 1024
     pcm = enc.decode(np.arange(0, 1024, 97))
     assert pcm.shape == (11 * enc.samples_per_token,) and np.isfinite(pcm).all()
+
+
+def _voiced_log_f0(x: np.ndarray) -> np.ndarray:
+    """log f0 of the voiced 5 ms frames of pcm at RATE_HZ (DIO, as the codec analyses)."""
+    f0, _ = pyworld().dio(x.astype(np.float64), RATE_HZ, f0_floor=60.0, f0_ceil=400.0, frame_period=5.0)
+    return np.log(f0[f0 > 0])
+
+
+def test_constant_pitch_codes_no_f0_and_speaks_at_the_mean_pitch(
+        codec: WorldCodec, signals: list[np.ndarray], tmp_path: Path) -> None:
+    config = WorldCodecConfig(**{**_config(False).__dict__, "constant_pitch": True})
+    flat, _ = fit_codec(config, signals[:3], FitSettings(kmeans_iters=8, net_steps=0), seed=0)
+    save_world_codec(tmp_path / "codec", config, flat.codebook, flat.mean, flat.scale)
+    loaded = load_codec_folder(tmp_path / "codec")
+    assert isinstance(loaded, WorldCodec) and loaded.dims.constant_pitch
+    sp = config.sp_dims
+    np.testing.assert_array_equal(loaded.codebook[:, sp], 0.0)  # k-means saw no pitch
+    assert (loaded.frame_vectors(loaded.token_frames(loaded.frame_features(signals[3].astype(np.float64)),
+                                                     signals[3].size))[:, sp] == 0).all()
+    x = signals[3]  # f0 glides +-30 % around 135 Hz
+    flat_f0 = _voiced_log_f0(loaded.decode_ids(loaded.encode(x)))
+    coded_f0 = _voiced_log_f0(WorldCodec(codec.dims, codec.codebook, codec.mean, codec.scale).decode_ids(
+        codec.encode(x)))
+    assert abs(np.median(flat_f0) - loaded.mean[sp]) < 0.05, (np.exp(np.median(flat_f0)), np.exp(loaded.mean[sp]))
+    assert flat_f0.std() < 0.05 < 0.1 < coded_f0.std(), (flat_f0.std(), coded_f0.std())
+    cfg = json.loads((tmp_path / "codec" / "model.json").read_text())
+    assert cfg["constant_pitch"] is True
+    (tmp_path / "codec" / "model.json").write_text(json.dumps({**cfg, "constant_pitch": "yes"}))
+    with pytest.raises(ModelLoadError, match="constant_pitch must be true or false"):
+        load_codec_folder(tmp_path / "codec")

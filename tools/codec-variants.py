@@ -6,8 +6,9 @@ same analysed frames and prints pocketsphinx's WER on the held-out sentences of 
 
 VARIANT is `committed` (the codec in --codec-dir as it is) or `NAME:key=value,...` with keys
 `frames` (WORLD frames per id; the 5 ms frame stays, so samples per id change with it), `groups`
-(groups_per_token), `codes`, `prosody` (weight of log f0, voicing and aperiodicity) and `seed`
-(k-means), e.g. `f3:frames=3` or `base-seed1:seed=1`. --corpus is the piper renderings a
+(groups_per_token), `codes`, `prosody` (weight of log f0, voicing and aperiodicity), `pitch`
+(`constant`: ids do not code f0, `constant_pitch`) and `seed` (k-means), e.g. `f3:frames=3`,
+`flat:pitch=constant` or `base-seed1:seed=1`. --corpus is the piper renderings a
 `freeze-omni train codec` run keeps (`OUT/corpus-train.npz`); --speech-cache the rendering
 `freeze-omni eval codec --speech-cache` keeps, so every variant hears the same audio. The WORLD
 analysis of the corpus is done once and kept in --frames. Prints one JSON line per variant.
@@ -58,7 +59,8 @@ def variant_config(base: WorldCodecConfig, spec: str) -> tuple[str, WorldCodecCo
     config = dataclasses.replace(
         base, frames_per_token=frames, samples_per_token=base.frame_samples * frames,
         groups_per_token=int(values.get("groups", 1)), n_codes=int(values.get("codes", base.n_codes)),
-        weights=(base.weights[0], prosody, prosody, prosody))
+        weights=(base.weights[0], prosody, prosody, prosody),
+        constant_pitch=values.get("pitch", "coded") == "constant")
     config.validate(spec)
     return name, config, int(values.get("seed", 0))
 

@@ -29,12 +29,16 @@ def _add_train_codec(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--net-steps", type=int, default=0,
                    help="feature-decoder steps (default 0: decode codebook centroids; "
                         "see training/README.md)")
+    p.add_argument("--constant-pitch", action="store_true",
+                   help="ids do not code f0: speech is synthesised at the voice's mean pitch, and the "
+                        "codebook spends its codes on the spectral envelope (see training/README.md)")
 
 
 def run_train_codec(args: argparse.Namespace) -> int:
     from training.codec.train import train_codec
 
-    report = train_codec(args.out, args.seed, args.sentences, args.codes, args.net_steps)
+    report = train_codec(args.out, args.seed, args.sentences, args.codes, args.net_steps,
+                         constant_pitch=args.constant_pitch)
     print(f"codec written to {args.out / 'codec'}: {report['n_codes']} codes, "
           f"{report['tokens_per_s']:.0f} tokens/s, {report['sentences']} sentences "
           f"({report['audio_s']:.0f} s of audio) in {report['times']['total_s']:.0f} s")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from quantized_models.world_codec import WorldCodec, WorldCodecConfig
+from quantized_models.world_codec import WorldCodec, WorldCodecConfig, normalised_vectors
 from quantized_models.world_codec_net import FeatureDecoder, FeatureDecoderDims
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,8 @@ def normalisation(config: WorldCodecConfig, frames: list[np.ndarray]) -> tuple[n
 
 def token_vectors(config: WorldCodecConfig, frames: np.ndarray, mean: np.ndarray,
                   scale: np.ndarray) -> np.ndarray:
-    """Frames [T * F, frame_dims] -> normalised token vectors [T, vector_dims]."""
-    g = config.groups_per_token
-    grouped = frames.reshape(-1, config.frames_per_group, config.frame_dims).mean(axis=1)  # [T * G, D]
-    return (grouped.reshape(-1, g * config.frame_dims) - mean) / scale
+    """Frames [T * F, frame_dims] -> normalised token vectors [T, vector_dims] (as the codec makes them)."""
+    return normalised_vectors(config, frames, mean, scale)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
