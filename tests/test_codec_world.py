@@ -2,6 +2,7 @@
 windows, and a resynthesis check that fails when the codec loses the signal."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def _voiced_log_f0(x: np.ndarray) -> np.ndarray:
 
 def test_constant_pitch_codes_no_f0_and_speaks_at_the_mean_pitch(
         codec: WorldCodec, signals: list[np.ndarray], tmp_path: Path) -> None:
-    config = WorldCodecConfig(**{**_config(False).__dict__, "constant_pitch": True})
+    config = dataclasses.replace(_config(False), constant_pitch=True)
     flat, _ = fit_codec(config, signals[:3], FitSettings(kmeans_iters=8, net_steps=0), seed=0)
     save_world_codec(tmp_path / "codec", config, flat.codebook, flat.mean, flat.scale)
     loaded = load_codec_folder(tmp_path / "codec")

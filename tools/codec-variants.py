@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantized_models.world_codec import WorldCodec, WorldCodecConfig, load_world_codec
+from quantized_models.world_codec import WorldCodec, WorldCodecConfig, load_world_codec, normalised_vectors
 from training.codec.asr import Recognizer
 from training.codec.corpus import load_or_render, pick_sentences
 from training.codec.evaluate import EVAL_SEED_OFFSET, PAD_S
-from training.codec.fit import empty_codec, kmeans, normalisation, token_vectors
+from training.codec.fit import empty_codec, kmeans, normalisation
 
 KMEANS_ITERS = 30
 
@@ -56,11 +56,14 @@ def variant_config(base: WorldCodecConfig, spec: str) -> tuple[str, WorldCodecCo
     values = dict(item.split("=") for item in settings.split(",") if item)
     frames = int(values.get("frames", base.frames_per_token))
     prosody = float(values.get("prosody", base.weights[1]))
+    pitch = values.get("pitch", "coded")
+    if pitch not in ("coded", "constant"):
+        raise SystemExit(f"{spec}: pitch is `coded` or `constant`, not {pitch!r}")
     config = dataclasses.replace(
         base, frames_per_token=frames, samples_per_token=base.frame_samples * frames,
         groups_per_token=int(values.get("groups", 1)), n_codes=int(values.get("codes", base.n_codes)),
         weights=(base.weights[0], prosody, prosody, prosody),
-        constant_pitch=values.get("pitch", "coded") == "constant")
+        constant_pitch=pitch == "constant")
     config.validate(spec)
     return name, config, int(values.get("seed", 0))
 
@@ -69,7 +72,7 @@ def fitted(config: WorldCodecConfig, frames: list[np.ndarray], seed: int) -> Wor
     analyser = empty_codec(config)
     padded = [whole_ids(analyser, f) for f in frames]
     mean, scale = normalisation(config, padded)
-    x = torch.from_numpy(np.concatenate([token_vectors(config, f, mean, scale) for f in padded])).float()
+    x = torch.from_numpy(np.concatenate([normalised_vectors(config, f, mean, scale) for f in padded])).float()
     return WorldCodec(config, kmeans(x, config.n_codes, KMEANS_ITERS, seed).double().numpy(), mean, scale)
 
 

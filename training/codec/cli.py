@@ -31,7 +31,8 @@ def _add_train_codec(steps: argparse._SubParsersAction) -> None:
                         "see training/README.md)")
     p.add_argument("--constant-pitch", action="store_true",
                    help="ids do not code f0: speech is synthesised at the voice's mean pitch, and the "
-                        "codebook spends its codes on the spectral envelope (see training/README.md)")
+                        "codebook spends its codes on the spectral envelope (measured: no gain over coded "
+                        "pitch; see training/README.md)")
 
 
 def run_train_codec(args: argparse.Namespace) -> int:

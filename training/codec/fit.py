@@ -68,12 +68,6 @@ def normalisation(config: WorldCodecConfig, frames: list[np.ndarray]) -> tuple[n
     return np.tile(mean, config.groups_per_token), np.tile(scale, config.groups_per_token)
 
 
-def token_vectors(config: WorldCodecConfig, frames: np.ndarray, mean: np.ndarray,
-                  scale: np.ndarray) -> np.ndarray:
-    """Frames [T * F, frame_dims] -> normalised token vectors [T, vector_dims] (as the codec makes them)."""
-    return normalised_vectors(config, frames, mean, scale)
-
-
 def kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
     """Lloyd's k-means. x: [N, D] float32 -> centroids [k, D]; empty clusters are re-seeded."""
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +137,7 @@ def fit_codec(config: WorldCodecConfig, audio: list[np.ndarray], settings: FitSe
     frames = analyse(config, audio)
     times["analysis_s"] = time.monotonic() - t0
     mean, scale = normalisation(config, frames)
-    vectors = [token_vectors(config, f, mean, scale) for f in frames]
+    vectors = [normalised_vectors(config, f, mean, scale) for f in frames]
     t0 = time.monotonic()
     x = torch.from_numpy(np.concatenate(vectors)).float()
     codebook = kmeans(x, config.n_codes, settings.kmeans_iters, seed).double().numpy()
