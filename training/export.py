@@ -19,12 +19,11 @@ import yaml
 from quantized_models.random_model import RandomModelSpec, _write_codec, _write_decoder
 from training.common import save_atomic
 from training.features import write_cmvn
-from training.model_config import load_result
+from training.model_config import INFO_NAME, load_result
 from training.transcribe import NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
 
 logger = logging.getLogger(__name__)
 
-INFO_NAME = "TRAINING.json"
 PLACEHOLDER_DECODER_ROWS = 4  # decoder rows per LLM vector, as in the release (3584 / 896)
 # The released codec's rates and token interface, at a width that keeps the noise placeholder small
 # instead of 62 MB (the model directory is meant to be committed)

@@ -21,6 +21,7 @@ from quantized_models.model_dir import ADAPTER_PREFIX, ENCODER_PREFIX
 from quantized_models.random_model import RandomModelSpec, train_yaml
 from training.common import save_atomic
 
+INFO_NAME = "TRAINING.json"  # what a model directory records of its training (export, tts-export)
 TRANSCRIBE_TASK_ID = 1  # official AudioLLM.task_ids: sot 0, transcribe 1, translate 2, ...
 DEFAULT_ROLE = "You are a helpful assistant."
 

@@ -23,7 +23,7 @@ from quantized_models.frontend import CHUNK_SAMPLES, SAMPLE_RATE_HZ, FrontendCac
 from quantized_models.llm import LlmKvCache, run_trunk
 from quantized_models.model_dir import FreezeOmniModels
 from training.llm_sequence import VECTORS_PER_CHUNK
-from training.model_config import TRANSCRIBE_TASK_ID
+from training.model_config import INFO_NAME, TRANSCRIBE_TASK_ID
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ def _check_fits_context(llm: Any, num_samples: int, other_positions: int) -> Non
 
 
 def model_no_speech_probability(model_dir: Path) -> float | None:
-    """The no-speech threshold a model directory's `TRAINING.json` records, or None (none there)."""
-    info_file = Path(model_dir) / "TRAINING.json"
+    """The no-speech threshold a model directory's `TRAINING.json` (INFO_NAME) records, or None (none there)."""
+    info_file = Path(model_dir) / INFO_NAME
     if not info_file.is_file():
         return None
     try:

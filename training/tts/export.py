@@ -18,7 +18,7 @@ import yaml
 
 from quantized_models.random_model import RandomModelSpec, _write_audiollm
 from training.common import save_atomic
-from training.model_config import DEFAULT_ROLE, chat_template
+from training.model_config import DEFAULT_ROLE, INFO_NAME, chat_template
 from training.tts.decoder_model import load_decoder_result
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def export_decoder(init: Path, out: Path, codec_dir: Path | None = None, seed: i
         llm_hidden = int(layout[2].get("trained_for_llm_hidden", layout[0] * 4))
         _placeholder_audiollm(out / "audiollm", llm_hidden, seed)
         logger.warning("%s: %s", out, PLACEHOLDER_SPEECH_INPUT)
-    info_path = out / "TRAINING.json"
+    info_path = out / INFO_NAME
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info["speech_output"] = {"decoder": result["stage"], "summary": result["extra"].get("summary", {}),
                              "codec": str(codec_dir) if codec_dir else "kept"}
