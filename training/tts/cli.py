@@ -67,6 +67,13 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
                         "vectors lie near it, so acoustically close guesses cost less (default 0: one-hot)")
     p.add_argument("--neighbour-temperature", type=float, default=1.0,
                    help="width of that spread, in median nearest-neighbour squared distances (default 1)")
+    p.add_argument("--guided-heads", type=int, default=0,
+                   help="pull the attention of the first N heads of every layer but the first from the "
+                        "codec ids over the text toward the diagonal (guided attention; default 0: off)")
+    p.add_argument("--guided-width", type=float, default=0.2,
+                   help="width of that diagonal, as a fraction of text and speech length (default 0.2)")
+    p.add_argument("--guided-weight", type=float, default=1.0,
+                   help="weight of the guided-attention cost beside the cross-entropy (default 1)")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -117,7 +124,9 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
                               extra_data=tuple(args.extra_data), own_input_rate=args.own_input_rate,
                               own_input_passes=args.own_input_passes,
                               neighbour_smoothing=args.neighbour_smoothing,
-                              neighbour_temperature_nn=args.neighbour_temperature)
+                              neighbour_temperature_nn=args.neighbour_temperature,
+                              guided_heads=args.guided_heads, guided_width=args.guided_width,
+                              guided_weight=args.guided_weight)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 

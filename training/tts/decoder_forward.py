@@ -15,6 +15,7 @@ checks logit by logit.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -73,8 +74,13 @@ def _heads(attn: SelfAttention, x: Tensor) -> Tensor:
     return x.view(b, t, attn.heads, attn.head_dim).transpose(1, 2)  # [B, T, D] -> [B, H, T, hd]
 
 
+Probe = Callable[[Tensor, Tensor], None]
+"""Called with a layer's rotated queries and own keys, both [B, H, T, hd] (alignment costs)."""
+
+
 def _attention(attn: SelfAttention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-               extra: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+               extra: tuple[Tensor, Tensor] | None, probe: Probe | None = None
+               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """x: [B, T, D]; mask: additive [B, 1, T, S]; extra: prefix (k, v) [B, H, P, hd] put first.
 
     Returns the output [B, T, D] and this layer's own rotated (k, v) [B, H, T, hd].
@@ -82,6 +88,8 @@ def _attention(attn: SelfAttention, x: Tensor, cos: Tensor, sin: Tensor, mask: T
     q, k, v = _heads(attn, attn.q_proj(x)), _heads(attn, attn.k_proj(x)), _heads(attn, attn.v_proj(x))
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
+    if probe is not None:
+        probe(q, k)
     keys, values = (k, v) if extra is None else (torch.cat((extra[0], k), 2), torch.cat((extra[1], v), 2))
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))  # [B, H, T, hd]
     b, t, _ = x.shape
@@ -89,10 +97,10 @@ def _attention(attn: SelfAttention, x: Tensor, cos: Tensor, sin: Tensor, mask: T
 
 
 def _layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-           extra: tuple[Tensor, Tensor] | None, dropout: float, training: bool
-           ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+           extra: tuple[Tensor, Tensor] | None, dropout: float, training: bool,
+           probe: Probe | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Pre-norm block as `DecoderLayer.forward`, batched, with dropout on both residual branches."""
-    h, kv = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, extra)
+    h, kv = _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, extra, probe)
     x = x + F.dropout(h, dropout, training)
     x = x + F.dropout(layer.mlp(layer.post_attention_layernorm(x)), dropout, training)
     return x, kv
@@ -140,11 +148,46 @@ class DecoderTargets:
     """[K, vocab] logits at every token-part position of every sequence."""
     targets: Tensor
     """[K] ids y1..yL, EOS per sequence."""
+    alignment_costs: list[Tensor] | None = None
+    """Per NAR/AR layer, [H] `alignment_cost` of each head (only when asked for)."""
 
 
-def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
-                          dropout: float = 0.0) -> DecoderTargets:
-    """Logits of every token-part position (the next-id predictions), batched."""
+def diagonal_penalty(cond_len: int, token_len: int, total: int, width: float) -> Tensor:
+    """[total, total] weights 1 - exp(-(n/N - t/T)^2 / (2 width^2)) of token query t attending
+    conditioning key n (0 elsewhere), both as fractions of their part's length.
+
+    Why (guided attention, Tachibana et al. 2018): text and speech advance together, so a query
+    a fraction t/T into the speech should read the text about t/T into it; attention far from
+    that diagonal costs up to 1.
+    """
+    idx = torch.arange(total, dtype=torch.float32)
+    text_frac = ((idx + 0.5) / cond_len).view(1, -1)
+    speech_frac = ((idx - cond_len + 0.5) / (token_len + 1)).view(-1, 1)
+    weight = 1.0 - torch.exp(-(text_frac - speech_frac).square() / (2.0 * width * width))
+    is_query = (idx >= cond_len) & (idx < cond_len + token_len + 1)
+    return weight * (is_query.view(-1, 1) & (idx < cond_len).view(1, -1))
+
+
+def alignment_cost(q: Tensor, k: Tensor, conds: list[int], token_lengths: list[int], width: float) -> Tensor:
+    """[H] mean `diagonal_penalty` under each head's attention of the token queries over the
+    conditioning keys alone (softmax renormalised over them), over every token query of the
+    batch. q, k: rotated [B, H, T, hd]. 0: every query reads the text on its diagonal; a head
+    spread evenly over the text costs about 0.6 at width 0.2.
+    """
+    total = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() / q.shape[-1] ** 0.5  # [B, H, T, T]
+    is_cond = torch.arange(total, device=q.device).view(1, 1, 1, -1) < torch.tensor(
+        conds, device=q.device).view(-1, 1, 1, 1)
+    probs = torch.softmax(scores.masked_fill(~is_cond, NEG_INF), dim=-1)
+    weights = torch.stack([diagonal_penalty(c, n, total, width) for c, n in zip(conds, token_lengths)])
+    per_query = (probs * weights.to(q.device).unsqueeze(1)).sum(-1)  # [B, H, T]; 0 off the token part
+    return per_query.sum(dim=(0, 2)) / sum(n + 1 for n in token_lengths)
+
+
+def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch, dropout: float = 0.0,
+                          guide_width: float | None = None) -> DecoderTargets:
+    """Logits of every token-part position (the next-id predictions), batched; with
+    `guide_width`, also every layer's `alignment_cost` per head."""
     dims, device = decoder.dims, decoder.embedding.weight.device
     rows = batch.text_rows.to(device=device, dtype=decoder.embedding.weight.dtype)
     pre = run_pre_net(decoder, rows, batch.text_lengths, dropout)
@@ -171,10 +214,18 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch,
         visible = torch.cat((seen, visible), dim=2)  # keys: [prefix | sequence]
     mask = _additive(visible)
     cos, sin = decoder.rotary(0, total, x)
+    costs: list[Tensor] = []
+
+    def probe(q: Tensor, k: Tensor) -> None:
+        assert guide_width is not None
+        costs.append(alignment_cost(q, k, conds, batch.token_lengths, guide_width))
+
     for layer, extra in zip(decoder.layers, extras):
-        x, _ = _layer(layer, x, cos, sin, mask, extra, dropout, decoder.training)
+        x, _ = _layer(layer, x, cos, sin, mask, extra, dropout, decoder.training,
+                      None if guide_width is None else probe)
     picked = torch.cat([x[b, c:c + n + 1] for b, (c, n) in enumerate(zip(conds, batch.token_lengths))])
-    return DecoderTargets(decoder.out_fnn(decoder.norm(picked)), torch.cat(targets))
+    return DecoderTargets(decoder.out_fnn(decoder.norm(picked)), torch.cat(targets),
+                          costs if guide_width is not None else None)
 
 
 @torch.no_grad()

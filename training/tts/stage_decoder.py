@@ -93,6 +93,13 @@ class TtsDecoderConfig:
     (`neighbour_targets`); 0: one-hot targets. Needs a codec with a `codebook`."""
     neighbour_temperature_nn: float = 1.0
     """Width of that spread, in median nearest-neighbour squared distances of the codebook."""
+    guided_heads: int = 0
+    """Heads (the first N of every NAR/AR layer but the first) whose attention from the codec ids
+    over the text is pulled toward the diagonal (`guided_attention_loss`); 0: none."""
+    guided_width: float = 0.2
+    """Width of that diagonal, as a fraction of text and speech length."""
+    guided_weight: float = 1.0
+    """Weight of the guided-attention cost beside the cross-entropy (nats)."""
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
@@ -100,6 +107,9 @@ class TtsDecoderConfig:
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
         check_neighbour_smoothing(self.neighbour_smoothing, self.neighbour_temperature_nn)
+        if self.guided_heads < 0 or self.guided_width <= 0 or self.guided_weight < 0:
+            raise ValueError("guided attention needs heads >= 0, a positive width and a weight >= 0, not "
+                             f"{self.guided_heads}, {self.guided_width} and {self.guided_weight}")
 
 
 def check_own_input_rate(rate: float, passes: int = 1) -> None:
@@ -133,14 +143,37 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
             for split in ("train", "valid") if limits[split] != 0}
 
 
+@dataclass(frozen=True)
+class GuidedAttention:
+    """Which heads `guided_attention_loss` pulls toward the text-speech diagonal, and how hard."""
+
+    heads: int
+    width: float = 0.2
+    weight: float = 1.0
+
+
+def guided_attention_loss(costs: list[Tensor], heads: int) -> Tensor:
+    """Mean `alignment_cost` of the first `heads` heads of every layer but the first.
+
+    Why not the first layer: its queries know only their own codec id and position, and the
+    diagonal is no fixed relative offset (text and speech lengths differ per segment), so only a
+    later layer can know how far into the text it is.
+    """
+    picked = [layer_costs[:heads] for layer_costs in costs[1:]] or [costs[0][:heads]]
+    return torch.cat(picked).mean()
+
+
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
                        dropout: float, own_input_rate: float = 0.0, own_input_passes: int = 1,
-                       soft_targets: Tensor | None = None
+                       soft_targets: Tensor | None = None, guided: GuidedAttention | None = None
                        ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
-    (with `own_input_rate` of the inputs replaced by the decoder's own predictions, and the
-    targets of `soft_targets` when given)."""
+    (with `own_input_rate` of the inputs replaced by the decoder's own predictions, the targets
+    of `soft_targets` when given, and `guided`'s attention cost added when given)."""
     size = min(batch_pairs, len(examples))
+    if guided is not None and guided.heads > decoder.dims.num_heads:
+        raise ValueError(f"--guided-heads {guided.heads} exceeds the decoder's {decoder.dims.num_heads} "
+                         "attention heads; give at most that many")
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
         rng = batch_rng(seed, step)
@@ -149,7 +182,13 @@ def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int
         if own_input_rate > 0:
             batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng,
                                                        own_input_passes)
-        return token_loss(teacher_forced_logits(decoder, batch, dropout), soft_targets)
+        if guided is None or guided.heads == 0:
+            return token_loss(teacher_forced_logits(decoder, batch, dropout), soft_targets)
+        out = teacher_forced_logits(decoder, batch, dropout, guide_width=guided.width)
+        loss, metrics = token_loss(out, soft_targets)
+        assert out.alignment_costs is not None
+        align = guided_attention_loss(out.alignment_costs, guided.heads)
+        return loss + guided.weight * align, metrics | {"token_loss": loss.item(), "alignment": align.item()}
 
     return step_fn
 
@@ -222,7 +261,8 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
                 decoder.dims.idim, decoder.dims.odim)
     step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
                                  config.own_input_rate, config.own_input_passes,
-                                 codebook_targets(codec, config, decoder.dims.vocab_size))
+                                 codebook_targets(codec, config, decoder.dims.vocab_size),
+                                 GuidedAttention(config.guided_heads, config.guided_width, config.guided_weight))
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {
