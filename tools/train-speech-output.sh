@@ -22,11 +22,17 @@ PAIRS_FROM=${PAIRS_FROM-training/artifacts/speech-output/pairs.jsonl.gz}
 # valid or test are left out); EXTRA_BANKS= uses BANK alone.
 EXTRA_BANKS=${EXTRA_BANKS-training/data/banks/full-seed1.texts.json}
 [ -n "$EXTRA_BANKS" ] && PAIR_ARGS+=(--extra-data $EXTRA_BANKS)
+# GUIDED_HEADS: heads of each decoder layer (but the first) whose attention over the text is pulled
+# toward the text-speech diagonal (guided attention) in every tts-decoder run; default 2 from scratch,
+# 0 with DECODER_INIT (the kept decoder learned without it, and adding it to its continuation measured
+# worse; training/README.md, "Guided attention").
+GUIDED_HEADS=${GUIDED_HEADS-$([ -n "${DECODER_INIT:-}" ] && echo 0 || echo 2)}
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
     --steps "${DECODER_STEPS:-3000}" --batch 8 --ffn 288 --lr "${DECODER_LR:-2e-3}" --warmup-steps 50 --checkpoint-every 25 \
-    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" "${INIT_ARGS[@]}" "${PAIR_ARGS[@]}"
+    --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" \
+    --guided-heads "$GUIDED_HEADS" "${INIT_ARGS[@]}" "${PAIR_ARGS[@]}"
 # OWN_INPUT_RATES: continuations of the decoder on its own greedy predictions as inputs (scheduled
 # sampling), one per rate, OWN_INPUT_STEPS each; the engine feeds back the decoder's own ids, and a
 # purely teacher-forced decoder drifts (training/README.md). OWN_INPUT_RATES= leaves them out.
@@ -39,7 +45,8 @@ for RATE in ${OWN_INPUT_RATES-0.5 0.9}; do
     [ -f "$RUN/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" --init "$DECODER" \
         --out "$RUN" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" --own-input-rate "$RATE" \
         --steps "${OWN_INPUT_STEPS:-2000}" --batch 8 --lr 1e-3 --warmup-steps 50 --checkpoint-every 25 \
-        --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" "${PAIR_ARGS[@]}"
+        --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" \
+        --guided-heads "$GUIDED_HEADS" "${PAIR_ARGS[@]}"
     DECODER="$RUN"
 done
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
