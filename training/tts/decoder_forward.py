@@ -168,19 +168,27 @@ def diagonal_penalty(cond_len: int, token_len: int, total: int, width: float) ->
     return weight * (is_query.view(-1, 1) & (idx < cond_len).view(1, -1))
 
 
-def alignment_cost(q: Tensor, k: Tensor, conds: list[int], token_lengths: list[int], width: float) -> Tensor:
+def diagonal_penalties(conds: list[int], token_lengths: list[int], total: int, width: float) -> Tensor:
+    """[B, total, total] `diagonal_penalty` of every sequence of a batch."""
+    return torch.stack([diagonal_penalty(c, n, total, width) for c, n in zip(conds, token_lengths)])
+
+
+def alignment_cost(q: Tensor, k: Tensor, conds: list[int], token_lengths: list[int], width: float,
+                   penalties: Tensor | None = None) -> Tensor:
     """[H] mean `diagonal_penalty` under each head's attention of the token queries over the
     conditioning keys alone (softmax renormalised over them), over every token query of the
-    batch. q, k: rotated [B, H, T, hd]. 0: every query reads the text on its diagonal; a head
-    spread evenly over the text costs about 0.6 at width 0.2.
+    batch. q, k: rotated [B, H, T, hd]; `penalties`: `diagonal_penalties` of the batch, when
+    already computed (every layer shares them). 0: every query reads the text on its diagonal;
+    a head spread evenly over the text costs about 0.6 at width 0.2.
     """
     total = q.shape[2]
+    if penalties is None:
+        penalties = diagonal_penalties(conds, token_lengths, total, width)
     scores = (q @ k.transpose(-1, -2)).float() / q.shape[-1] ** 0.5  # [B, H, T, T]
     is_cond = torch.arange(total, device=q.device).view(1, 1, 1, -1) < torch.tensor(
         conds, device=q.device).view(-1, 1, 1, 1)
     probs = torch.softmax(scores.masked_fill(~is_cond, NEG_INF), dim=-1)
-    weights = torch.stack([diagonal_penalty(c, n, total, width) for c, n in zip(conds, token_lengths)])
-    per_query = (probs * weights.to(q.device).unsqueeze(1)).sum(-1)  # [B, H, T]; 0 off the token part
+    per_query = (probs * penalties.to(q.device).unsqueeze(1)).sum(-1)  # [B, H, T]; 0 off the token part
     return per_query.sum(dim=(0, 2)) / sum(n + 1 for n in token_lengths)
 
 
@@ -215,10 +223,12 @@ def teacher_forced_logits(decoder: SpeechDecoder, batch: DecoderBatch, dropout: 
     mask = _additive(visible)
     cos, sin = decoder.rotary(0, total, x)
     costs: list[Tensor] = []
+    penalties = None if guide_width is None else diagonal_penalties(
+        conds, batch.token_lengths, total, guide_width).to(device)
 
     def probe(q: Tensor, k: Tensor) -> None:
         assert guide_width is not None
-        costs.append(alignment_cost(q, k, conds, batch.token_lengths, guide_width))
+        costs.append(alignment_cost(q, k, conds, batch.token_lengths, guide_width, penalties))
 
     for layer, extra in zip(decoder.layers, extras):
         x, _ = _layer(layer, x, cos, sin, mask, extra, dropout, decoder.training,
