@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speech-input recipe (training issue part 1) as run for the committed model: data, stages 1-3,
-# the state-head refit, export, evaluation. Every step resumes where it stopped when re-run with the
+# the state-head refit, the CTC head, export, evaluation. Every step resumes where it stopped when re-run with the
 # same WORK folder.
 #   bash tools/train-speech-input.sh WORK_DIR [MODEL_OUT]
 # Step counts are sized for a 2-core CPU session (see training/README.md for times and results).
@@ -92,7 +92,16 @@ if [ "${STAGE3_AVERAGE:-1}" = 1 ] && [ ${#ALL_DATA[@]} -ge 3 ]; then
         --extra-data "${ALL_DATA[0]}" --extra-valid "$WORK/data"
     HEAD="$WORK/state-head-average"
 fi
-freeze-omni train export --init "$HEAD" --out "$OUT"
+# A character CTC head on the final encoder (frozen), trained on every data set's utterances
+# (CTC_HEAD=0 leaves it out); `transcribe` and `eval asr` add its prefix scores to the LLM's beam.
+CTC_ARGS=()
+if [ "${CTC_HEAD:-1}" = 1 ]; then
+    [ -f "$WORK/ctc-head/ctc_head.pt" ] || freeze-omni train ctc-head --data "$WORK/data" --init "$HEAD" \
+        ${ALL_DATA[@]+--extra-data "${ALL_DATA[@]}"} --out "$WORK/ctc-head" --device "$DEVICE" \
+        --threads "$THREADS" --steps "${CTC_HEAD_STEPS:-6000}" --checkpoint-every 500 --log-every 50
+    CTC_ARGS=(--ctc-head "$WORK/ctc-head/ctc_head.pt")
+fi
+freeze-omni train export --init "$HEAD" --out "$OUT" ${CTC_ARGS[@]+"${CTC_ARGS[@]}"}
 freeze-omni eval asr --model-dir "$OUT" --device "$DEVICE" --threads "$THREADS" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
 # eval states on every test turn (460, STATES_LIMIT=N for fewer): the keep decisions since the 18th session.
 freeze-omni eval states --model-dir "$OUT" --device "$DEVICE" --threads "$THREADS" --data "$WORK/data" \

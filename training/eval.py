@@ -70,10 +70,10 @@ def word_error_rate(scored: list[tuple]) -> dict:
 
 
 def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int | None = None,
-             no_speech_end_probability: float | None = None) -> dict:
+             no_speech_end_probability: float | None = None, ctc=None) -> dict:
     """WER over the test split's utterances that have text, overall and per voice group
     (transcripts by `transcribe`'s beam search; `beam_width` None: its default; the no-speech
-    threshold as `transcribe` takes it)."""
+    threshold and the CTC head (`transcribe.CtcDecoding`) as `transcribe` takes them)."""
     from training.data.manifest import read_manifest
     from training.features import load_wav
     from training.transcribe import DEFAULT_BEAM_WIDTH, transcribe
@@ -84,7 +84,7 @@ def eval_asr(models, data_dir: Path, limit: int | None = None, beam_width: int |
     for entry in tqdm(entries, desc="eval asr", unit="utterance", leave=False):
         ref = normalise_words(entry.text)
         text = transcribe(models, load_wav(data_dir / entry.wav), beam_width=width,
-                          no_speech_end_probability=no_speech_end_probability)
+                          no_speech_end_probability=no_speech_end_probability, ctc=ctc)
         hyp = normalise_words(text)
         scored.append((entry, word_errors(hyp, ref), len(ref)))
         logger.debug("%s | ref: %s | hyp: %s", entry.id, " ".join(ref), " ".join(hyp))

@@ -48,6 +48,16 @@ def _add_beam_arg(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--beam-width", type=_positive_int, default=DEFAULT_BEAM_WIDTH,
                    help=f"beam search width of the LLM's transcript (1: greedy; default {DEFAULT_BEAM_WIDTH})")
+    p.add_argument("--ctc-weight", type=_non_negative_float, default=None,
+                   help="weight of the model directory's CTC head (ctc_head.pt) in the beam (0: the LLM "
+                        "alone; default: the weight its TRAINING.json records)")
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -89,10 +99,11 @@ def run_eval(args: argparse.Namespace) -> int:
     models = _load(args)
     keys = METRIC_KEYS
     if args.eval_kind == "asr":
-        from training.transcribe import model_no_speech_probability
+        from training.transcribe import model_ctc_decoding, model_no_speech_probability
 
         metrics = eval_asr(models, args.data, args.limit, args.beam_width,
-                           model_no_speech_probability(args.model_dir))
+                           model_no_speech_probability(args.model_dir),
+                           model_ctc_decoding(args.model_dir, args.ctc_weight))
     elif args.eval_kind == "dialogue":
         from training.eval_dialogue import DIALOGUE_METRIC_KEYS, eval_dialogue
 
@@ -123,7 +134,7 @@ def _print_metrics(metrics: dict, indent: str = "") -> None:
 def run_transcribe(args: argparse.Namespace) -> int:
     from audio_io.constants import MODEL_INPUT_RATE_HZ
     from audio_io.wav_file import read_mono
-    from training.transcribe import model_no_speech_probability, transcribe
+    from training.transcribe import model_ctc_decoding, model_no_speech_probability, transcribe
 
     samples = np.asarray(read_mono(args.input, MODEL_INPUT_RATE_HZ), dtype=np.float32)
     if not _has_speech(samples, MODEL_INPUT_RATE_HZ):
@@ -131,7 +142,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
         print("")
         return 0
     threshold = model_no_speech_probability(args.model_dir)
-    print(transcribe(_load(args), samples, beam_width=args.beam_width, no_speech_end_probability=threshold))
+    ctc = model_ctc_decoding(args.model_dir, args.ctc_weight)
+    print(transcribe(_load(args), samples, beam_width=args.beam_width, no_speech_end_probability=threshold,
+                     ctc=ctc))
     return 0
 
 

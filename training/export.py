@@ -20,7 +20,8 @@ from quantized_models.random_model import RandomModelSpec, _write_codec, _write_
 from training.common import save_atomic
 from training.features import write_cmvn
 from training.model_config import INFO_NAME, load_result
-from training.transcribe import NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
+from training.ctc_head import CTC_HEAD_NAME, load_ctc_head
+from training.transcribe import CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT, NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,14 @@ def _placeholder_speech(model_dir: Path, llm_hidden: int, seed: int) -> None:
     _write_codec(model_dir / "codec", spec, gen, PLACEHOLDER_CODEC)
 
 
-def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = None, seed: int = 0) -> Path:
+def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = None, seed: int = 0,
+                     ctc_head: Path | None = None) -> Path:
     """Write `out` (released layout) from a stage result; returns `out`.
 
     `result_path` may also be a model directory holding only `audiollm/` (how the trained speech
-    input is committed): it is copied and completed with the speech output.
+    input is committed): it is copied and completed with the speech output, its CTC head too.
+    `ctc_head` (a `train ctc-head` file) is copied beside the layout as `ctc_head.pt`, for
+    `transcribe` (the engine never reads it), with its weight in `TRAINING.json`.
 
     Raises:
         ValueError: the result is from stage 1 (no adapter or LLM-side modules yet).
@@ -60,6 +64,8 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
             shutil.copytree(source / "audiollm", out / "audiollm", dirs_exist_ok=True)
         info_file = source / INFO_NAME
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if ctc_head is None and (source / CTC_HEAD_NAME).is_file():
+            ctc_head = source / CTC_HEAD_NAME
         cfg = yaml.safe_load((out / "audiollm" / "train.yaml").read_text())
     else:
         result = load_result(source)
@@ -71,6 +77,11 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         save_atomic(result["state"], out / "audiollm" / "final.pt")
         info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
     info.setdefault(NO_SPEECH_KEY, NO_SPEECH_END_PROBABILITY)  # chosen for this package's models
+    if ctc_head is not None:
+        load_ctc_head(ctc_head)  # refuse a broken file before it lands in the model directory
+        if Path(ctc_head).resolve() != (out / CTC_HEAD_NAME).resolve():
+            shutil.copy(ctc_head, out / CTC_HEAD_NAME)
+        info.setdefault(CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT)
     info["speech_output"] = _speech_output(out, int(cfg["model_conf"]["llm_embed_dim"]), speech_from, seed)
     (out / INFO_NAME).write_text(json.dumps(info, indent=1))
     return out

@@ -1,4 +1,4 @@
-"""`freeze-omni train stage1|stage2|stage3|state-head|average|export`: argparse builders and handlers.
+"""`freeze-omni train stage1|stage2|stage3|state-head|ctc-head|average|export`: argparse builders and handlers.
 
 Registered in `training.cli` (STEP_PARSERS / TRAIN_HANDLERS). Arguments only build the frozen
 stage configs; heavy imports happen inside the handlers.
@@ -132,6 +132,20 @@ def add_export(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--speech-from", type=Path, default=None,
                    help="copy decoder/ and codec/ from this model directory (default: random placeholders)")
+    p.add_argument("--ctc-head", type=Path, default=None,
+                   help="a `train ctc-head` file (RUN/ctc_head.pt) that `transcribe` decodes with")
+
+
+def add_ctc_head(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("ctc-head", help="train a character CTC head on the frozen encoder of a stage-2/3 "
+                                          "result (transcribe decodes with it beside the LLM)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--init", type=Path, required=True, help="stage-2/3 run directory (or its result.pt)")
+    _add_extra_data(p, "utterances")
+    p.add_argument("--hidden", type=int, default=512, help="width of the head's convolution")
+    p.add_argument("--kernel-frames", type=int, default=5,
+                   help="causal convolution width in encoder frames (40 ms each)")
+    _add_loop_args(p, steps=6000, lr=2e-3, batch=32)
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -201,17 +215,31 @@ def run_average(args: argparse.Namespace) -> int:
     return _report(write_average(list(args.init), args.out))
 
 
+def run_ctc_head(args: argparse.Namespace) -> int:
+    from training.ctc_head import CtcHeadConfig, train_ctc_head
+
+    _setup(args)
+    if args.hidden < 1 or args.kernel_frames < 1:
+        raise ValueError("--hidden and --kernel-frames must be at least 1")
+    config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
+                           kernel_frames=args.kernel_frames, extra_data=tuple(args.extra_data),
+                           train_limit=args.train_limit)
+    return _report(train_ctc_head(args.init, args.data, args.out, config))
+
+
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_model_dir
 
-    out = export_model_dir(args.init, args.out, speech_from=args.speech_from)
+    out = export_model_dir(args.init, args.out, speech_from=args.speech_from, ctc_head=args.ctc_head)
     print(f"wrote {out}")
     return 0
 
 
 STAGE_PARSERS = {"stage1": add_stage1, "stage2": add_stage2, "stage3": add_stage3,
-                 "state-head": add_state_head, "average": add_average, "export": add_export}
+                 "state-head": add_state_head, "ctc-head": add_ctc_head, "average": add_average,
+                 "export": add_export}
 """Step name -> function adding its subparser (merged into `training.cli.STEP_PARSERS`)."""
 STAGE_HANDLERS = {"stage1": run_stage1, "stage2": run_stage2, "stage3": run_stage3,
-                  "state-head": run_state_head, "average": run_average, "export": run_export}
+                  "state-head": run_state_head, "ctc-head": run_ctc_head, "average": run_average,
+                  "export": run_export}
 """Step name -> handler (merged into `training.cli.TRAIN_HANDLERS`)."""

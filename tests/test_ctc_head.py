@@ -1,0 +1,104 @@
+"""`train ctc-head` on the tiny chain's frozen encoder, its export, and `transcribe` decoding with it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import test_training
+from tests.test_training import _loop, _losses
+from training.ctc_head import CTC_HEAD_NAME, CtcHeadConfig, load_ctc_head, train_ctc_head
+from training.transcribe import CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT, CtcDecoding, model_ctc_decoding
+
+chain = test_training.chain  # the tiny stage 1 -> 2 -> 3 -> export chain, once for this module too
+
+
+@pytest.fixture(scope="module")
+def head_run(chain: dict, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ctc") / "run"
+    train_ctc_head(chain["root"] / "run3", chain["data"], run,
+                   CtcHeadConfig(loop=_loop(40, 1e-2), batch_utterances=4, hidden=16))
+    return run
+
+
+def test_the_head_learns(head_run: Path) -> None:
+    losses = _losses(head_run, "ctc_loss")
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    head = load_ctc_head(head_run / CTC_HEAD_NAME)
+    assert head.dims.hidden == 16 and not head.training
+
+
+def test_its_frames_are_the_ones_the_engine_streams(chain: dict, head_run: Path) -> None:
+    from quantized_models.encoder import EncoderCache
+    from quantized_models.model_dir import load_models
+    from training.ctc_head import ctc_log_probs
+    from training.features import load_wav, utterance_chunks
+
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    head = load_ctc_head(head_run / CTC_HEAD_NAME)
+    chunks = utterance_chunks(load_wav(chain["data"] / "wav/u1.wav"))
+    cache = EncoderCache()
+    with torch.inference_mode():
+        streamed = torch.cat([models.encoder.step(chunks[k:k + 1], cache)[0] for k in range(chunks.shape[0])], 1)
+        expected = head(streamed)[0]
+    got = ctc_log_probs(models.encoder, head, chunks)
+    assert got.shape == (4 * chunks.shape[0], 1 + len(head.dims.symbols))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_head_is_causal(head_run: Path) -> None:
+    head = load_ctc_head(head_run / CTC_HEAD_NAME)
+    frames = torch.randn(1, 30, head.dims.model_dim)
+    changed = frames.clone()
+    changed[:, 20:] = torch.randn(1, 10, head.dims.model_dim)
+    torch.testing.assert_close(head(frames)[:, :20], head(changed)[:, :20])
+    assert not torch.allclose(head(frames)[:, 20:], head(changed)[:, 20:])
+
+
+def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, head_run: Path, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import training.transcribe as transcribe_module
+    from assistant.cli import main
+    from training.export import export_model_dir
+
+    model = export_model_dir(chain["root"] / "run3", tmp_path / "model",
+                             speech_from=chain["model_dir"], ctc_head=head_run / CTC_HEAD_NAME)
+    assert (model / CTC_HEAD_NAME).is_file()
+    assert json.loads((model / "TRAINING.json").read_text())[CTC_WEIGHT_KEY] == DEFAULT_CTC_WEIGHT
+    decoding = model_ctc_decoding(model)
+    assert isinstance(decoding, CtcDecoding) and decoding.weight == DEFAULT_CTC_WEIGHT
+    assert model_ctc_decoding(model, 0.0) is None and model_ctc_decoding(chain["model_dir"]) is None
+    assert model_ctc_decoding(model, 0.5).weight == 0.5
+    with pytest.raises(ValueError, match="0 \\(off\\) or positive"):
+        model_ctc_decoding(model, -1.0)
+
+    again = export_model_dir(model, tmp_path / "again", speech_from=chain["model_dir"])  # a model dir as source
+    assert (again / CTC_HEAD_NAME).read_bytes() == (model / CTC_HEAD_NAME).read_bytes()
+
+    seen = []
+    real = transcribe_module.transcribe
+    monkeypatch.setattr(transcribe_module, "transcribe", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    args = ["--model-dir", str(model), "--llm-dir", str(chain["llm_dir"])]
+    wav = str(chain["data"] / "wav/u0.wav")
+    assert main(["transcribe", *args, "--input", wav]) == 0
+    assert main(["transcribe", *args, "--input", wav, "--ctc-weight", "0"]) == 0
+    assert seen[0]["ctc"].weight == DEFAULT_CTC_WEIGHT and seen[1]["ctc"] is None
+
+
+def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_path: Path) -> None:
+    from training.export import export_model_dir
+
+    with pytest.raises(FileNotFoundError, match="train ctc-head"):
+        load_ctc_head(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"dims": {"model_dim": 4}}, bad)
+    with pytest.raises(ValueError, match="not a CTC head"):
+        load_ctc_head(bad)
+    with pytest.raises(ValueError, match="not a CTC head"):
+        export_model_dir(chain["root"] / "run3", tmp_path / "model", speech_from=chain["model_dir"], ctc_head=bad)
+    with pytest.raises(ValueError, match="stage-1 result"):
+        train_ctc_head(chain["root"] / "run1", chain["data"], tmp_path / "r", CtcHeadConfig(loop=_loop(2)))
+    shutil.rmtree(tmp_path / "model", ignore_errors=True)
