@@ -5,8 +5,8 @@ transcript holds, and where the adapter's vectors say little it writes a fluent 
 own. This head reads the encoder's streaming frames (25 per second, the deployed chunk mask, eval
 mode: the frames the engine computes) and learns the characters again with CTC, everything else
 frozen. `transcribe` then adds its prefix scores to the LLM's beam (`training.ctc_prefix`). The
-head is a causal convolution (it looks back `kernel - 1` frames, never ahead), so it could also
-run chunk by chunk.
+head is two causal convolutions (each looks back `kernel - 1` frames, never ahead), so it could
+also run chunk by chunk.
 
 The head lives beside the released layout, as `ctc_head.pt` in the model directory
 (`train export --ctc-head`); the engine never reads it.
@@ -39,9 +39,11 @@ class CtcHeadDims:
 
     model_dim: int
     """Encoder output width."""
-    hidden: int = 512
+    hidden: int = 384
     kernel_frames: int = 5
     """Causal convolution width in encoder frames (40 ms each)."""
+    layers: int = 2
+    """Causal convolutions in a row (each followed by a GELU)."""
     symbols: str = CharVocab.SYMBOLS
     """Output symbols after the blank (`CharVocab.SYMBOLS`)."""
 
@@ -53,14 +55,17 @@ class CtcHead(nn.Module):
         super().__init__()
         self.dims = dims
         self.norm = nn.LayerNorm(dims.model_dim)
-        self.conv = nn.Conv1d(dims.model_dim, dims.hidden, dims.kernel_frames)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dims.model_dim if i == 0 else dims.hidden, dims.hidden, dims.kernel_frames)
+            for i in range(dims.layers))
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(dims.hidden, 1 + len(dims.symbols))
 
     def forward(self, frames: Tensor) -> Tensor:
-        x = nn.functional.pad(self.norm(frames).transpose(1, 2), (self.dims.kernel_frames - 1, 0))  # past only
-        hidden = self.drop(nn.functional.gelu(self.conv(x).transpose(1, 2)))
-        return self.out(hidden).float().log_softmax(-1)
+        x = self.norm(frames).transpose(1, 2)  # [B, D, T]
+        for conv in self.convs:
+            x = nn.functional.gelu(conv(nn.functional.pad(x, (self.dims.kernel_frames - 1, 0))))  # past only
+        return self.out(self.drop(x.transpose(1, 2))).float().log_softmax(-1)
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,9 @@ class CtcHeadConfig:
 
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=6000, lr=2e-3, warmup_steps=100))
     batch_utterances: int = 32
-    hidden: int = 512
+    hidden: int = 384
     kernel_frames: int = 5
+    layers: int = 2
     extra_data: tuple[Path, ...] = ()
     """Train splits of further data sets (their texts that `data` holds out are left out)."""
     train_limit: int | None = None
@@ -142,7 +148,7 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
     targets = [t for _, t in kept]
     order = sorted(range(len(frames)), key=lambda i: frames[i].shape[0])
     frames, targets = [frames[i] for i in order], [targets[i] for i in order]
-    head = CtcHead(CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames)).to(device)
+    head = CtcHead(CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers)).to(device)
     batch = min(config.batch_utterances, len(frames))
     logger.info("ctc head: %d train utterances (%.1f h), %d head parameters", len(frames),
                 sum(f.shape[0] for f in frames) / 25 / 3600, sum(p.numel() for p in head.parameters()))

@@ -142,9 +142,10 @@ def add_ctc_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--init", type=Path, required=True, help="stage-2/3 run directory (or its result.pt)")
     _add_extra_data(p, "utterances")
-    p.add_argument("--hidden", type=int, default=512, help="width of the head's convolution")
+    p.add_argument("--hidden", type=int, default=384, help="width of the head's convolutions")
     p.add_argument("--kernel-frames", type=int, default=5,
                    help="causal convolution width in encoder frames (40 ms each)")
+    p.add_argument("--layers", type=int, default=2, help="causal convolutions in a row")
     _add_loop_args(p, steps=6000, lr=2e-3, batch=32)
 
 
@@ -219,10 +220,10 @@ def run_ctc_head(args: argparse.Namespace) -> int:
     from training.ctc_head import CtcHeadConfig, train_ctc_head
 
     _setup(args)
-    if args.hidden < 1 or args.kernel_frames < 1:
-        raise ValueError("--hidden and --kernel-frames must be at least 1")
+    if min(args.hidden, args.kernel_frames, args.layers) < 1:
+        raise ValueError("--hidden, --kernel-frames and --layers must be at least 1")
     config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
-                           kernel_frames=args.kernel_frames, extra_data=tuple(args.extra_data),
+                           kernel_frames=args.kernel_frames, layers=args.layers, extra_data=tuple(args.extra_data),
                            train_limit=args.train_limit)
     return _report(train_ctc_head(args.init, args.data, args.out, config))
 
