@@ -42,7 +42,8 @@ def test_its_frames_are_the_ones_the_engine_streams(chain: dict, head_run: Path)
     chunks = utterance_chunks(load_wav(chain["data"] / "wav/u1.wav"))
     cache = EncoderCache()
     with torch.inference_mode():
-        streamed = torch.cat([models.encoder.step(chunks[k:k + 1], cache)[0] for k in range(chunks.shape[0])], 1)
+        steps = [models.encoder.step(chunks[k:k + 1], cache)[0] for k in range(chunks.shape[0])]
+        streamed = torch.cat(steps, 1)
         expected = head(streamed)[0]
     got = ctc_log_probs(models.encoder, head, chunks)
     assert got.shape == (4 * chunks.shape[0], 1 + len(head.dims.symbols))
@@ -75,7 +76,8 @@ def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, hea
     with pytest.raises(ValueError, match="0 \\(off\\) or positive"):
         model_ctc_decoding(model, -1.0)
 
-    again = export_model_dir(model, tmp_path / "again", speech_from=chain["model_dir"])  # a model dir as source
+    # a model directory as the source carries its head along
+    again = export_model_dir(model, tmp_path / "again", speech_from=chain["model_dir"])
     assert (again / CTC_HEAD_NAME).read_bytes() == (model / CTC_HEAD_NAME).read_bytes()
 
     seen = []
@@ -98,7 +100,20 @@ def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_pa
     with pytest.raises(ValueError, match="not a CTC head"):
         load_ctc_head(bad)
     with pytest.raises(ValueError, match="not a CTC head"):
-        export_model_dir(chain["root"] / "run3", tmp_path / "model", speech_from=chain["model_dir"], ctc_head=bad)
+        export_model_dir(chain["root"] / "run3", tmp_path / "model", speech_from=chain["model_dir"],
+                         ctc_head=bad)
     with pytest.raises(ValueError, match="stage-1 result"):
         train_ctc_head(chain["root"] / "run1", chain["data"], tmp_path / "r", CtcHeadConfig(loop=_loop(2)))
     shutil.rmtree(tmp_path / "model", ignore_errors=True)
+
+
+def test_the_kept_ctc_head_reads_the_kept_encoder() -> None:
+    """training/artifacts/speech-input/ctc_head.pt was trained on the kept result's encoder:
+    `train export --init .../result.pt --ctc-head .../ctc_head.pt` needs the widths to agree."""
+    from training.model_config import load_result
+
+    kept = Path(__file__).resolve().parents[1] / "training/artifacts/speech-input"
+    head = load_ctc_head(kept / CTC_HEAD_NAME)
+    encoder_conf = load_result(kept / "result.pt")["train_yaml"]["encoder_conf"]
+    encoder_width = encoder_conf["overview_conf"]["encoder-output-dim"]
+    assert head.dims.model_dim == encoder_width and (kept / CTC_HEAD_NAME).stat().st_size < 3e6

@@ -84,7 +84,8 @@ def test_the_ctc_score_changes_which_transcript_the_beam_returns() -> None:
         return then_end.expand(len(tokens), -1).clone(), state
 
     def search(weight: float | None) -> list[int]:
-        joint = None if weight is None else CtcJointScore(CtcPrefixScorer(_spelled("dog")), pieces.get, weight, 3)
+        scorer = CtcPrefixScorer(_spelled("dog"))
+        joint = None if weight is None else CtcJointScore(scorer, pieces.get, weight, 3)
         return beam_search(first, None, feed, end, max_tokens=5, width=2, joint=joint)
 
     assert search(None) == [cat]

@@ -148,7 +148,8 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
     targets = [t for _, t in kept]
     order = sorted(range(len(frames)), key=lambda i: frames[i].shape[0])
     frames, targets = [frames[i] for i in order], [targets[i] for i in order]
-    head = CtcHead(CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers)).to(device)
+    dims = CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers)
+    head = CtcHead(dims).to(device)
     batch = min(config.batch_utterances, len(frames))
     logger.info("ctc head: %d train utterances (%.1f h), %d head parameters", len(frames),
                 sum(f.shape[0] for f in frames) / 25 / 3600, sum(p.numel() for p in head.parameters()))
@@ -157,19 +158,21 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
         start = int(batch_rng(config.loop.seed, step).integers(0, len(frames) - batch + 1))
         xs, ys = frames[start:start + batch], targets[start:start + batch]
         x = nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)
-        loss = nn.functional.ctc_loss(
-            head(x).transpose(0, 1), torch.tensor([c for y in ys for c in y], device=device),
-            torch.tensor([f.shape[0] for f in xs], device=device), torch.tensor([len(y) for y in ys], device=device),
-            blank=CharVocab.BLANK, zero_infinity=True)
+        flat = torch.tensor([c for y in ys for c in y], device=device)
+        frame_counts = torch.tensor([f.shape[0] for f in xs], device=device)
+        lengths = torch.tensor([len(y) for y in ys], device=device)
+        loss = nn.functional.ctc_loss(head(x).transpose(0, 1), flat, frame_counts, lengths,
+                                      blank=CharVocab.BLANK, zero_infinity=True)
         return loss, {"ctc_loss": loss.item()}
 
-    result = train_loop(run_dir, {"ctc_head": head}, step_fn, config.loop, title="CTC head on the frozen encoder")
+    result = train_loop(run_dir, {"ctc_head": head}, step_fn, config.loop,
+                        title="CTC head on the frozen encoder")
     summary = {"steps": result.step, "finished": result.finished, "seconds": round(result.seconds, 1),
                "train_utterances": len(frames), "init": str(init)}
     if result.finished:
         if valid:
-            summary["valid"] = greedy_error_rates(
-                head, encoder_frames(encoder, valid, "ctc head: encoder frames (valid)"), [u.entry.text for u in valid])
+            valid_frames = encoder_frames(encoder, valid, "ctc head: encoder frames (valid)")
+            summary["valid"] = greedy_error_rates(head, valid_frames, [u.entry.text for u in valid])
         save_ctc_head(head, run_dir / CTC_HEAD_NAME, summary | {"config": _config_record(config)})
     logger.info("ctc head: %s", summary)
     return summary
@@ -199,7 +202,8 @@ def load_ctc_head(path: Path, device: torch.device | None = None) -> CtcHead:
     except (KeyError, TypeError, RuntimeError, EOFError) as err:
         raise ValueError(f"{path} is not a CTC head written by `train ctc-head` ({err})") from err
     if head.dims.symbols != CharVocab.SYMBOLS:
-        raise ValueError(f"{path}: its symbols {head.dims.symbols!r} are not this package's {CharVocab.SYMBOLS!r}")
+        raise ValueError(f"{path}: its symbols {head.dims.symbols!r} are not this package's "
+                         f"{CharVocab.SYMBOLS!r}")
     return head.to(device or torch.device("cpu")).eval()
 
 

@@ -49,10 +49,12 @@ class CtcPrefixScorer:
 
     def __init__(self, log_probs: Tensor, vocab: CharVocab | None = None) -> None:
         if log_probs.dim() != 2 or log_probs.shape[0] < 1:
-            raise ValueError(f"CTC log-probabilities must be [frames >= 1, symbols], not {tuple(log_probs.shape)}")
+            raise ValueError("CTC log-probabilities must be [frames >= 1, symbols], "
+                             f"not {tuple(log_probs.shape)}")
         self.vocab = vocab or CharVocab()
         if log_probs.shape[1] != len(self.vocab):
-            raise ValueError(f"the CTC head has {log_probs.shape[1]} symbols, the vocabulary {len(self.vocab)}")
+            raise ValueError(f"the CTC head has {log_probs.shape[1]} symbols, "
+                             f"the vocabulary {len(self.vocab)}")
         # Clamped: a -inf (a float16 underflow) would make the recursions' differences NaN.
         self.log_probs = log_probs.detach().to("cpu", torch.float64).clamp(min=LOG_PROB_FLOOR)
         self.blank_cumsum = torch.cumsum(self.log_probs[:, CharVocab.BLANK], 0)  # [T]
@@ -107,7 +109,8 @@ class CtcPrefixScorer:
         new_nonblank[:, 1:] = emit_cumsum[:, 1:] + torch.logaddexp(
             first[:, None], _logcumsumexp(start[:, :-1] - emit_cumsum[:, :-1]))
         new_blank = torch.full_like(emit, -torch.inf)
-        new_blank[:, 1:] = self.blank_cumsum[1:] + _logcumsumexp(new_nonblank[:, :-1] - self.blank_cumsum[:-1])
+        new_blank[:, 1:] = self.blank_cumsum[1:] + _logcumsumexp(
+            new_nonblank[:, :-1] - self.blank_cumsum[:-1])
         score = torch.logsumexp(torch.cat([new_nonblank[:, :1], start[:, :-1] + emit[:, 1:]], 1), 1)
         return [CtcPrefix(p.text + c, False, new_nonblank[i], new_blank[i], float(score[i]))
                 for i, (p, c) in enumerate(zip(prefixes, chars))]
@@ -129,12 +132,14 @@ class CtcJointScore:
     def initial(self) -> CtcPrefix:
         return self.scorer.initial()
 
-    def extend(self, states: list[CtcPrefix], tokens: list[int], end_id: int) -> tuple[list[CtcPrefix], list[float]]:
+    def extend(self, states: list[CtcPrefix], tokens: list[int],
+               end_id: int) -> tuple[list[CtcPrefix], list[float]]:
         new = list(states)
         scores = [self.weight * self.scorer.final_score(s) if t == end_id else 0.0
                   for s, t in zip(states, tokens, strict=True)]
         going_on = [i for i, t in enumerate(tokens) if t != end_id]
-        extended = self.scorer.extend([states[i] for i in going_on], [self.piece(tokens[i]) for i in going_on])
+        extended = self.scorer.extend([states[i] for i in going_on],
+                                      [self.piece(tokens[i]) for i in going_on])
         for i, state in zip(going_on, extended):
             new[i], scores[i] = state, self.weight * state.score
         return new, scores

@@ -223,8 +223,8 @@ def run_ctc_head(args: argparse.Namespace) -> int:
     if min(args.hidden, args.kernel_frames, args.layers) < 1:
         raise ValueError("--hidden, --kernel-frames and --layers must be at least 1")
     config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
-                           kernel_frames=args.kernel_frames, layers=args.layers, extra_data=tuple(args.extra_data),
-                           train_limit=args.train_limit)
+                           kernel_frames=args.kernel_frames, layers=args.layers,
+                           extra_data=tuple(args.extra_data), train_limit=args.train_limit)
     return _report(train_ctc_head(args.init, args.data, args.out, config))
 
 

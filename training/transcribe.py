@@ -198,7 +198,8 @@ class CtcDecoding:
         from training.features import utterance_chunks
 
         log_probs = ctc_log_probs(models.encoder, self.head, utterance_chunks(samples, models.n_mels))
-        return CtcJointScore(CtcPrefixScorer(log_probs), self._piece(models.tokenizer), self.weight, self.candidates)
+        return CtcJointScore(CtcPrefixScorer(log_probs), self._piece(models.tokenizer), self.weight,
+                             self.candidates)
 
     def _piece(self, tokenizer: Any) -> Callable[[int], str]:
         def piece(token: int) -> str:
@@ -239,7 +240,8 @@ def transcribe(
                         end_probability)
             return ""
     joint = ctc.joint_score(models, samples) if ctc is not None and ctc.weight > 0 else None
-    ids = beam_search(logits, cache.past, batched_feed(llm), llm.layout.end_of_turn_id, cap, beam_width, joint)
+    ids = beam_search(logits, cache.past, batched_feed(llm), llm.layout.end_of_turn_id, cap, beam_width,
+                      joint)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
@@ -282,8 +284,12 @@ def model_ctc_decoding(model_dir: Path, weight: float | None = None) -> CtcDecod
     if weight is None:
         weight = _training_info(model_dir).get(CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT)
         if not (isinstance(weight, (int, float)) and weight >= 0):
-            raise ValueError(f"{Path(model_dir) / INFO_NAME}: {CTC_WEIGHT_KEY} must be a number >= 0, not {weight!r}")
-    return CtcDecoding(load_ctc_head(head_file), float(weight)) if weight > 0 else None
+            raise ValueError(f"{Path(model_dir) / INFO_NAME}: {CTC_WEIGHT_KEY} must be a number >= 0, "
+                             f"not {weight!r}")
+    if weight == 0:
+        return None
+    logger.info("transcripts decoded with the CTC head %s at weight %g", head_file, weight)
+    return CtcDecoding(load_ctc_head(head_file), float(weight))
 
 
 def model_no_speech_probability(model_dir: Path) -> float | None:
