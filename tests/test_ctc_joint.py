@@ -109,3 +109,18 @@ def test_bad_log_probabilities_are_refused() -> None:
         CtcPrefixScorer(torch.zeros(4, 7))
     with pytest.raises(ValueError, match="frames"):
         CtcPrefixScorer(torch.zeros(0, len(VOCAB)))
+
+
+def test_letters_the_head_cannot_hear_are_never_free() -> None:
+    scorer = CtcPrefixScorer(_spelled("dog"))
+    start = scorer.extend([scorer.initial()], [" do"])[0]
+    foreign, punctuation = scorer.extend([start, start], ["ß", "!"])
+    assert foreign.score == -math.inf  # not a separator: the beam would write it for free
+    assert punctuation.score == start.score and punctuation.space_pending
+
+    end, german, dog = 0, 1, 2
+    first = torch.log(torch.tensor([0.001, 0.7, 0.299]))  # the LLM prefers "Au"
+    then_end = torch.log(torch.tensor([0.98, 0.01, 0.01]))
+    joint = CtcJointScore(scorer, {german: "Auß", dog: " dog"}.get, 0.1, 3)
+    assert beam_search(first, None, lambda t, p, s: (then_end.expand(len(t), -1).clone(), s),
+                       end, max_tokens=5, width=2, joint=joint) == [dog]

@@ -16,6 +16,7 @@ all frames at once with a cumulative log-sum-exp (float64: the cumulative sums r
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,11 +68,15 @@ class CtcPrefixScorer:
         """log P(the frames' labelling is exactly `prefix.text`)."""
         return float(torch.logaddexp(prefix.log_nonblank[-1], prefix.log_blank[-1]))
 
-    def characters(self, prefix: CtcPrefix, piece: str) -> tuple[str, bool]:
-        """(characters `piece` adds after `prefix`, whether a space is pending after them)."""
+    def characters(self, prefix: CtcPrefix, piece: str) -> tuple[str, bool] | None:
+        """(characters `piece` adds after `prefix`, whether a space is pending after them), or None
+        when it holds a letter or digit the head has no symbol for ("ß", "é", "中"): the head cannot
+        hear those, so scoring them as separators would let the beam write them for free."""
         out, pending = [], prefix.space_pending
         for ch in piece.lower():
-            if ch == SPACE or ch not in self.vocab.index:
+            if ch not in self.vocab.index or ch == SPACE:
+                if ch.isalnum():
+                    return None
                 pending = True
                 continue
             if pending and (prefix.text or out):
@@ -81,16 +86,18 @@ class CtcPrefixScorer:
         return "".join(out), pending
 
     def extend(self, prefixes: list[CtcPrefix], pieces: list[str]) -> list[CtcPrefix]:
-        """`prefixes[i]` continued by the text `pieces[i]`, all at once."""
+        """`prefixes[i]` continued by the text `pieces[i]`, all at once; a piece with a letter the
+        head has no symbol for (`characters`) gets the score -inf."""
         added = [self.characters(p, piece) for p, piece in zip(prefixes, pieces, strict=True)]
         current = list(prefixes)
-        for j in range(max((len(chars) for chars, _ in added), default=0)):
-            rows = [i for i, (chars, _) in enumerate(added) if len(chars) > j]
+        for j in range(max((len(a[0]) for a in added if a is not None), default=0)):
+            rows = [i for i, a in enumerate(added) if a is not None and len(a[0]) > j]
             for i, state in zip(rows, self._extend_by_char([current[i] for i in rows],
                                                            [added[i][0][j] for i in rows])):
                 current[i] = state
-        return [CtcPrefix(p.text, pending, p.log_nonblank, p.log_blank, p.score)
-                for p, (_, pending) in zip(current, added)]
+        return [CtcPrefix(p.text, a[1], p.log_nonblank, p.log_blank, p.score) if a is not None
+                else CtcPrefix(p.text, p.space_pending, p.log_nonblank, p.log_blank, -math.inf)
+                for p, a in zip(current, added)]
 
     def _extend_by_char(self, prefixes: list[CtcPrefix], chars: list[str]) -> list[CtcPrefix]:
         """Each prefix continued by one character (batched over the prefixes)."""
