@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -102,9 +101,9 @@ def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_pa
     with pytest.raises(ValueError, match="not a CTC head"):
         export_model_dir(chain["root"] / "run3", tmp_path / "model", speech_from=chain["model_dir"],
                          ctc_head=bad)
+    assert not (tmp_path / "model").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="stage-1 result"):
         train_ctc_head(chain["root"] / "run1", chain["data"], tmp_path / "r", CtcHeadConfig(loop=_loop(2)))
-    shutil.rmtree(tmp_path / "model", ignore_errors=True)
 
 
 def test_the_kept_ctc_head_reads_the_kept_encoder() -> None:

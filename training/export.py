@@ -57,6 +57,8 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         ValueError: the result is from stage 1 (no adapter or LLM-side modules yet).
     """
     source = Path(result_path)
+    if ctc_head is not None:
+        load_ctc_head(ctc_head)  # refuse a broken file before anything is written
     for sub in ("audiollm", "decoder", "codec"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if (source / "audiollm" / "final.pt").is_file():
@@ -78,7 +80,6 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
     info.setdefault(NO_SPEECH_KEY, NO_SPEECH_END_PROBABILITY)  # chosen for this package's models
     if ctc_head is not None:
-        load_ctc_head(ctc_head)  # refuse a broken file before it lands in the model directory
         if Path(ctc_head).resolve() != (out / CTC_HEAD_NAME).resolve():
             shutil.copy(ctc_head, out / CTC_HEAD_NAME)
         info.setdefault(CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT)
