@@ -139,7 +139,7 @@ def test_eval_takes_threads_and_refuses_fewer_than_one(monkeypatch, tmp_path: Pa
 
     monkeypatch.setattr(quantized_models.model_dir, "load_models", lambda *args: "models")
     monkeypatch.setattr(training.eval_cli, "eval_asr",
-                        lambda models, data, limit, beam_width, no_speech: {"wer": 0.5, "n": 1})
+                        lambda models, data, limit, beam_width, no_speech, ctc: {"wer": 0.5, "n": 1})
     base = ["eval", "asr", "--model-dir", str(tmp_path), "--llm-dir", str(tmp_path), "--data", str(tmp_path),
             "--json"]
     before = torch.get_num_threads()
