@@ -8,8 +8,9 @@ score of a finished transcript (every frame accounted for) is below its prefix s
 that adds it to the LLM's log-probability may still stop once no live hypothesis can win.
 
 Text enters as the LLM's token pieces, normalised as the CTC targets are (`CharVocab.encode`:
-lower case, other characters act as spaces, spaces collapsed and never leading): a space is
-held back until the next kept character, so "Hello, world." scores as "hello world".
+lower case, punctuation acts as a space, spaces collapsed and never leading): a space is held
+back until the next kept character, so "Hello, world." scores as "hello world". A letter the
+head has no symbol for ("ß") makes a piece impossible rather than free.
 
 The recursions over frames are first-order linear in probability space, so each is solved for
 all frames at once with a cumulative log-sum-exp (float64: the cumulative sums reach thousands).
