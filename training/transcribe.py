@@ -52,7 +52,7 @@ DEFAULT_CTC_WEIGHT = 0.1
 of the kept model: WER 30.7 % with the LLM alone; with a one-convolution head 24.7 % at 0.1,
 25.0 % at 0.2, 31.4 % at 0.3; with the two-convolution head 25.2 % at 0.1, 28.0 % at 0.2.
 Heavier weights make the beam spell what the head hears through single letters. On 120 test
-utterances: 44.4 -> 38.2 %; on all 630: 42.6 -> 33.1 % (training/README.md)."""
+utterances: 44.4 -> 38.2 %; on all 630: 42.5 -> 33.1 % (training/README.md)."""
 DEFAULT_CTC_CANDIDATES = 8
 """LLM tokens per hypothesis the CTC head judges at each step."""
 DEFAULT_BEAM_WIDTH = 4
