@@ -140,6 +140,9 @@ def beam_search(
         if joint is None:
             judged = [(llm, row, token, None, 0.0) for llm, row, token in candidates]
         else:
+            # A joint score is never above 0 (it starts at 0 and only falls), so a candidate the
+            # LLM alone ranks at or below the best finished one cannot win: it is not scored.
+            candidates = [c for c in candidates if c[0] > best[0]]
             states, scores = joint.extend([alive[row][2] for _, row, _ in candidates],
                                           [token for *_, token in candidates], end_id)
             judged = [(llm, row, token, s, score)
