@@ -10,7 +10,8 @@ import torch
 from tests import test_training
 from tests.test_training import _loop, _losses
 from training.ctc_head import CTC_HEAD_NAME, CtcHeadConfig, load_ctc_head, train_ctc_head
-from training.transcribe import CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT, CtcDecoding, model_ctc_decoding
+from training.transcribe import (CTC_WEIGHT_KEY, DEFAULT_CTC_NBEST, DEFAULT_CTC_WEIGHT, CtcDecoding,
+                                 model_ctc_decoding)
 
 chain = test_training.chain  # the tiny stage 1 -> 2 -> 3 -> export chain, once for this module too
 
@@ -86,7 +87,11 @@ def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, hea
     wav = str(chain["data"] / "wav/u0.wav")
     assert main(["transcribe", *args, "--input", wav]) == 0
     assert main(["transcribe", *args, "--input", wav, "--ctc-weight", "0"]) == 0
+    assert main(["transcribe", *args, "--input", wav, "--ctc-nbest", "0"]) == 0
     assert seen[0]["ctc"].weight == DEFAULT_CTC_WEIGHT and seen[1]["ctc"] is None
+    assert seen[0]["ctc"].nbest == DEFAULT_CTC_NBEST and seen[2]["ctc"].nbest == 0
+    with pytest.raises(ValueError, match="n-best"):
+        model_ctc_decoding(model, nbest=-1)
 
 
 def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_path: Path) -> None:

@@ -114,8 +114,9 @@ def test_bad_log_probabilities_are_refused() -> None:
 def test_letters_the_head_cannot_hear_are_never_free() -> None:
     scorer = CtcPrefixScorer(_spelled("dog"))
     start = scorer.extend([scorer.initial()], [" do"])[0]
-    foreign, punctuation = scorer.extend([start, start], ["ß", "!"])
+    foreign, punctuation, byte, emoji = scorer.extend([start] * 4, ["ß", "!", "\ufffd", " 😀"])
     assert foreign.score == -math.inf  # not a separator: the beam would write it for free
+    assert byte.score == emoji.score == -math.inf
     assert punctuation.score == start.score and punctuation.space_pending
 
     end, german, dog = 0, 1, 2

@@ -10,7 +10,7 @@ that adds it to the LLM's log-probability may still stop once no live hypothesis
 Text enters as the LLM's token pieces, normalised as the CTC targets are (`CharVocab.encode`:
 lower case, punctuation acts as a space, spaces collapsed and never leading): a space is held
 back until the next kept character, so "Hello, world." scores as "hello world". A letter the
-head has no symbol for ("ß") makes a piece impossible rather than free.
+head has no symbol for ("ß"), or a byte token's "\ufffd", makes a piece impossible rather than free.
 
 The recursions over frames are first-order linear in probability space, so each is solved for
 all frames at once with a cumulative log-sum-exp (float64: the cumulative sums reach thousands).
@@ -18,6 +18,7 @@ all frames at once with a cumulative log-sum-exp (float64: the cumulative sums r
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,21 +71,8 @@ class CtcPrefixScorer:
         return float(torch.logaddexp(prefix.log_nonblank[-1], prefix.log_blank[-1]))
 
     def characters(self, prefix: CtcPrefix, piece: str) -> tuple[str, bool] | None:
-        """(characters `piece` adds after `prefix`, whether a space is pending after them), or None
-        when it holds a letter or digit the head has no symbol for ("ß", "é", "中"): the head cannot
-        hear those, so scoring them as separators would let the beam write them for free."""
-        out, pending = [], prefix.space_pending
-        for ch in piece.lower():
-            if ch not in self.vocab.index or ch == SPACE:
-                if ch.isalnum():
-                    return None
-                pending = True
-                continue
-            if pending and (prefix.text or out):
-                out.append(SPACE)
-            out.append(ch)
-            pending = False
-        return "".join(out), pending
+        """`added_characters` of `piece` after `prefix`."""
+        return added_characters(self.vocab, prefix.text, prefix.space_pending, piece)
 
     def extend(self, prefixes: list[CtcPrefix], pieces: list[str]) -> list[CtcPrefix]:
         """`prefixes[i]` continued by the text `pieces[i]`, all at once; a piece with a letter the
@@ -93,15 +81,15 @@ class CtcPrefixScorer:
         current = list(prefixes)
         for j in range(max((len(a[0]) for a in added if a is not None), default=0)):
             rows = [i for i, a in enumerate(added) if a is not None and len(a[0]) > j]
-            for i, state in zip(rows, self._extend_by_char([current[i] for i in rows],
+            for i, state in zip(rows, self.extend_by_chars([current[i] for i in rows],
                                                            [added[i][0][j] for i in rows])):
                 current[i] = state
         return [CtcPrefix(p.text, a[1], p.log_nonblank, p.log_blank, p.score) if a is not None
                 else CtcPrefix(p.text, p.space_pending, p.log_nonblank, p.log_blank, -math.inf)
                 for p, a in zip(current, added)]
 
-    def _extend_by_char(self, prefixes: list[CtcPrefix], chars: list[str]) -> list[CtcPrefix]:
-        """Each prefix continued by one character (batched over the prefixes)."""
+    def extend_by_chars(self, prefixes: list[CtcPrefix], chars: list[str]) -> list[CtcPrefix]:
+        """Each prefix continued by one character of the head's vocabulary (batched over the prefixes)."""
         ids = torch.tensor([self.vocab.index[c] for c in chars])
         emit = self.log_probs[:, ids].T  # [C, T] log P(frame t is the new character)
         emit_cumsum = torch.cumsum(emit, 1)
@@ -122,6 +110,45 @@ class CtcPrefixScorer:
         score = torch.logsumexp(torch.cat([new_nonblank[:, :1], start[:, :-1] + emit[:, 1:]], 1), 1)
         return [CtcPrefix(p.text + c, False, new_nonblank[i], new_blank[i], float(score[i]))
                 for i, (p, c) in enumerate(zip(prefixes, chars))]
+
+
+def ctc_nbest(scorer: CtcPrefixScorer, count: int, width: int, max_chars: int) -> list[tuple[float, str]]:
+    """The `count` likeliest transcripts (log P(labelling is text), text), best first, by a prefix
+    beam search of `width` over characters, no language model. It stops once no live prefix (whose
+    score bounds every transcript it begins) can enter the `count` best, or at `max_chars`."""
+    symbols = list(scorer.vocab.index)
+    live, finished = [scorer.initial()], []
+    for _ in range(max_chars + 1):
+        finished += [(scorer.final_score(p), p.text) for p in live if p.text and not p.text.endswith(SPACE)]
+        finished = sorted(finished, reverse=True)[:count]
+        bar = finished[-1][0] if len(finished) == count else -math.inf
+        rows = [(p, c) for p in live for c in symbols
+                if c != SPACE or (p.text and not p.text.endswith(SPACE))]  # as the targets are spaced
+        extended = scorer.extend_by_chars([p for p, _ in rows], [c for _, c in rows]) if rows else []
+        live = sorted((e for e in extended if e.score > bar), key=lambda e: -e.score)[:width]
+        if not live:
+            break
+    return finished
+
+
+def added_characters(vocab: CharVocab, text: str, space_pending: bool,
+                     piece: str) -> tuple[str, bool] | None:
+    """(characters `piece` adds after the normalised `text`, whether a space is pending after them),
+    or None when it holds a letter or digit the head has no symbol for ("ß", "é", "中") or a
+    pictograph (an emoji, or "\ufffd": a token of one byte of a longer character): the head cannot
+    hear those, so scoring them as separators would let the beam write them for free."""
+    out, pending = [], space_pending
+    for ch in piece.lower():
+        if ch not in vocab.index or ch == SPACE:
+            if ch.isalnum() or unicodedata.category(ch) == "So":
+                return None
+            pending = True
+            continue
+        if pending and (text or out):
+            out.append(SPACE)
+        out.append(ch)
+        pending = False
+    return "".join(out), pending
 
 
 def _logcumsumexp(x: Tensor) -> Tensor:

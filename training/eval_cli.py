@@ -44,13 +44,23 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_beam_arg(p: argparse.ArgumentParser) -> None:
-    from training.transcribe import DEFAULT_BEAM_WIDTH
+    from training.transcribe import DEFAULT_BEAM_WIDTH, DEFAULT_CTC_NBEST
 
     p.add_argument("--beam-width", type=_positive_int, default=DEFAULT_BEAM_WIDTH,
                    help=f"beam search width of the LLM's transcript (1: greedy; default {DEFAULT_BEAM_WIDTH})")
     p.add_argument("--ctc-weight", type=_non_negative_float, default=None,
                    help="weight of the model directory's CTC head (ctc_head.pt) in the beam (0: the LLM "
                         "alone; default: the weight its TRAINING.json records)")
+    p.add_argument("--ctc-nbest", type=_non_negative_int, default=DEFAULT_CTC_NBEST,
+                   help="the CTC head's likeliest transcripts that the LLM spells out as more candidates "
+                        f"beside the beam's (0: none; default {DEFAULT_CTC_NBEST})")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -103,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         metrics = eval_asr(models, args.data, args.limit, args.beam_width,
                            model_no_speech_probability(args.model_dir),
-                           model_ctc_decoding(args.model_dir, args.ctc_weight))
+                           model_ctc_decoding(args.model_dir, args.ctc_weight, args.ctc_nbest))
     elif args.eval_kind == "dialogue":
         from training.eval_dialogue import DIALOGUE_METRIC_KEYS, eval_dialogue
 
@@ -142,7 +152,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
         print("")
         return 0
     threshold = model_no_speech_probability(args.model_dir)
-    ctc = model_ctc_decoding(args.model_dir, args.ctc_weight)
+    ctc = model_ctc_decoding(args.model_dir, args.ctc_weight, args.ctc_nbest)
     print(transcribe(_load(args), samples, beam_width=args.beam_width, no_speech_end_probability=threshold,
                      ctc=ctc))
     return 0

@@ -7,6 +7,7 @@ and adapter run through the engine's streaming backend, chunk by chunk, exactly 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -47,14 +48,21 @@ NO_SPEECH_KEY = "no_speech_end_probability"
 """Its key in the model directory's `TRAINING.json`."""
 CTC_WEIGHT_KEY = "ctc_weight"
 """Key in `TRAINING.json` of the weight of the model directory's CTC head (`ctc_head.pt`)."""
-DEFAULT_CTC_WEIGHT = 0.1
-"""Weight of the CTC prefix score in the beam, chosen on the unheard valid split (120 utterances)
-of the kept model: WER 30.7 % with the LLM alone; with a one-convolution head 24.7 % at 0.1,
-25.0 % at 0.2, 31.4 % at 0.3; with the two-convolution head 25.2 % at 0.1, 28.0 % at 0.2.
-Heavier weights make the beam spell what the head hears through single letters. On 120 test
-utterances: 44.4 -> 38.2 %; on all 630: 42.5 -> 33.1 % (training/README.md)."""
-DEFAULT_CTC_CANDIDATES = 8
-"""LLM tokens per hypothesis the CTC head judges at each step."""
+DEFAULT_CTC_WEIGHT = 0.15
+"""Weight of the CTC scores, chosen on the unheard valid split (120 utterances) of the kept model:
+WER 30.7 % with the LLM alone. The beam alone, judging 8 tokens: a one-convolution head 24.7 % at
+0.1, 25.0 % at 0.2, 31.4 % at 0.3; the kept two-convolution head 25.6 % at 0.1, 29.0 % at 0.2;
+judging 16: 24.4 % at 0.15. With the head's 4 best spelled out too (`DEFAULT_CTC_NBEST`), 16
+judged: 22.8 % at 0.12 and at 0.15. Heavier weights make the beam spell what the head hears
+through single letters (training/README.md)."""
+DEFAULT_CTC_CANDIDATES = 16
+"""LLM tokens per hypothesis the CTC head judges at each step (8: 25.6 % at weight 0.1)."""
+DEFAULT_CTC_NBEST = 4
+"""The head's likeliest transcripts that the LLM spells out as more candidates beside the beam's
+(`ctc_spelling`; 0: none). On the valid split, 23.1 % with 4 spelled greedily, 22.8 % by a beam
+of 3 per transcript; 8 gave the same as 4 (22.8 %), only slower."""
+CTC_NBEST_WIDTH = 8
+"""Prefix beam width of the head's n-best search (`ctc_prefix.ctc_nbest`)."""
 DEFAULT_BEAM_WIDTH = 4
 """Beam width of `transcribe`: on the unheard valid split (120 utterances) width 8 was no better
 than 4. On 120 held-out test utterances of the kept model it gives a WER of 44.4 %, greedy
@@ -113,7 +121,21 @@ def beam_search(
     width: int,
     joint: JointScore | None = None,
 ) -> list[int]:
-    """Token ids (without the end token) of the likeliest hypothesis a beam of `width` finds.
+    """Token ids (without the end token) of the likeliest hypothesis a beam of `width` finds
+    (`scored_beam_search`)."""
+    return scored_beam_search(first_logits, state, feed, end_id, max_tokens, width, joint)[1]
+
+
+def scored_beam_search(
+    first_logits: torch.Tensor,
+    state: Any,
+    feed: BatchFeed,
+    end_id: int,
+    max_tokens: int,
+    width: int,
+    joint: JointScore | None = None,
+) -> tuple[float, list[int]]:
+    """(score, token ids without the end token) of the likeliest hypothesis a beam of `width` finds.
 
     `state` holds one row, the context before the first token; every step then feeds all live
     hypotheses' next tokens in one batched call (`BatchFeed`). A hypothesis finishes on `end_id` or
@@ -163,7 +185,7 @@ def beam_search(
         tokens, parents = [c[2] for c in continued], [c[1] for c in continued]
         logits, state = feed(tokens, parents, state)
         alive = [(llm, alive[row][1] + (token,), s, score) for llm, row, token, s, score in continued]
-    return list(best[1])
+    return best[0], list(best[1])
 
 
 def batched_feed(llm: Any) -> BatchFeed:
@@ -195,17 +217,46 @@ class CtcDecoding:
     """A `training.ctc_head.CtcHead`."""
     weight: float = DEFAULT_CTC_WEIGHT
     candidates: int = DEFAULT_CTC_CANDIDATES
+    nbest: int = DEFAULT_CTC_NBEST
     pieces: dict[int, str] = field(default_factory=dict, repr=False)
     """Cache: token id -> its text."""
+    spellings: Any = field(default=None, repr=False)
+    """Cache: the tokenizer's `ctc_spelling.TokenSpellings`."""
 
-    def joint_score(self, models: FreezeOmniModels, samples: np.ndarray) -> JointScore:
+    def search(self, models: FreezeOmniModels, samples: np.ndarray, first_logits: torch.Tensor,
+               past: Any, max_tokens: int, width: int) -> list[int]:
+        """Token ids of the best joint score among the joint beam's transcript and the LLM's
+        spellings of the head's `nbest` likeliest transcripts; `past` (the LLM's cache after the
+        context, one row) is used up."""
         from training.ctc_head import ctc_log_probs
-        from training.ctc_prefix import CtcJointScore, CtcPrefixScorer
+        from training.ctc_prefix import CtcJointScore, CtcPrefixScorer, ctc_nbest
+        from training.ctc_spelling import spell_with_llm
         from training.features import utterance_chunks
 
-        log_probs = ctc_log_probs(models.encoder, self.head, utterance_chunks(samples, models.n_mels))
-        return CtcJointScore(CtcPrefixScorer(log_probs), self._piece(models.tokenizer), self.weight,
-                             self.candidates)
+        scorer = CtcPrefixScorer(ctc_log_probs(models.encoder, self.head,
+                                               utterance_chunks(samples, models.n_mels)))
+        end_id, piece = models.llm.layout.end_of_turn_id, self._piece(models.tokenizer)
+        spare = copy.deepcopy(past) if self.nbest else None  # the beam changes `past` in place
+        joint = CtcJointScore(scorer, piece, self.weight, self.candidates)
+        best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width, joint)
+        if not self.nbest:
+            return best[1]
+        heard = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, max_chars=scorer.log_probs.shape[0])
+        # A spelling whose LLM log-probability falls to its bar can no longer beat the beam's.
+        bars = [best[0] - self.weight * ctc_score for ctc_score, _ in heard]
+        spelled = spell_with_llm(first_logits, spare, batched_feed(models.llm), end_id, [t for _, t in heard],
+                                 self._spellings(models.tokenizer), max_tokens, bars)
+        for (ctc_score, _), (llm_score, ids) in zip(heard, spelled):
+            if llm_score + self.weight * ctc_score > best[0]:
+                best = (llm_score + self.weight * ctc_score, ids)
+        return best[1]
+
+    def _spellings(self, tokenizer: Any) -> Any:
+        from training.ctc_spelling import TokenSpellings, vocabulary_pieces
+
+        if self.spellings is None:
+            self.spellings = TokenSpellings(vocabulary_pieces(tokenizer, self._piece(tokenizer)))
+        return self.spellings
 
     def _piece(self, tokenizer: Any) -> Callable[[int], str]:
         def piece(token: int) -> str:
@@ -245,9 +296,10 @@ def transcribe(
             logger.info("no speech: the LLM would end the transcript at once with probability %.2g",
                         end_probability)
             return ""
-    joint = ctc.joint_score(models, samples) if ctc is not None and ctc.weight > 0 else None
-    ids = beam_search(logits, cache.past, batched_feed(llm), llm.layout.end_of_turn_id, cap, beam_width,
-                      joint)
+    if ctc is not None and ctc.weight > 0:
+        ids = ctc.search(models, samples, logits, cache.past, cap, beam_width)
+    else:
+        ids = beam_search(logits, cache.past, batched_feed(llm), llm.layout.end_of_turn_id, cap, beam_width)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
@@ -277,13 +329,17 @@ def _training_info(model_dir: Path) -> dict:
     return info
 
 
-def model_ctc_decoding(model_dir: Path, weight: float | None = None) -> CtcDecoding | None:
+def model_ctc_decoding(model_dir: Path, weight: float | None = None,
+                       nbest: int = DEFAULT_CTC_NBEST) -> CtcDecoding | None:
     """The model directory's CTC head (`ctc_head.pt`) with `weight`, by default the one its
-    `TRAINING.json` records (else DEFAULT_CTC_WEIGHT); None without a head or at weight 0."""
+    `TRAINING.json` records (else DEFAULT_CTC_WEIGHT), and its `nbest` transcripts spelled by the
+    LLM as candidates; None without a head or at weight 0."""
     from training.ctc_head import CTC_HEAD_NAME, load_ctc_head
 
     if weight is not None and weight < 0:
         raise ValueError(f"the CTC weight must be 0 (off) or positive, not {weight}")
+    if nbest < 0:
+        raise ValueError(f"the CTC n-best must be 0 (off) or positive, not {nbest}")
     head_file = Path(model_dir) / CTC_HEAD_NAME
     if not head_file.is_file() or weight == 0:
         return None
@@ -294,8 +350,9 @@ def model_ctc_decoding(model_dir: Path, weight: float | None = None) -> CtcDecod
                              f"not {weight!r}")
     if weight == 0:
         return None
-    logger.info("transcripts decoded with the CTC head %s at weight %g", head_file, weight)
-    return CtcDecoding(load_ctc_head(head_file), float(weight))
+    logger.info("transcripts decoded with the CTC head %s at weight %g, its %d best spelled out",
+                head_file, weight, nbest)
+    return CtcDecoding(load_ctc_head(head_file), float(weight), nbest=nbest)
 
 
 def model_no_speech_probability(model_dir: Path) -> float | None:
