@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.test_ctc_joint import _brute_force, _random_log_probs, _spelled
-from training.ctc_prefix import CtcPrefixScorer, ctc_nbest
+from training.ctc_prefix import SPACE, CtcPrefixScorer, Lexicon, ctc_nbest
 from training.ctc_spelling import TokenSpellings, spell_with_llm
 
 
@@ -84,3 +84,15 @@ def test_letters_it_cannot_spell_or_too_many_tokens_give_minus_infinity() -> Non
     assert spell_with_llm(first, None, feed, END, ["a dog"], spellings, max_tokens=1) == [(-math.inf, [])]
     bars = [found[0][0] + 0.01, found[2][0] - 0.01]  # just above and just below what it reaches
     assert spell_with_llm(first, None, feed, END, ["a dog", "dog"], spellings, 6, bars) == [(-math.inf, []), found[2]]
+
+
+def test_a_lexicon_keeps_the_nbest_to_its_words() -> None:
+    lexicon = Lexicon({"my", "dog", "do"})
+    assert lexicon.allows("my d", "o") and lexicon.allows("my do", SPACE) and not lexicon.allows("my dg", "o")
+    assert not lexicon.allows("m", SPACE) and lexicon.allows("", "m")
+    scorer = CtcPrefixScorer(_spelled("my dgo"))
+    assert ctc_nbest(scorer, 1, 8, 20)[0][1] == "my dgo"
+    found = ctc_nbest(scorer, 3, 8, 20, lexicon)
+    assert found and all(set(text.split()) <= lexicon.words for _, text in found)
+    assert "my dog" in [text for _, text in found]
+    assert TokenSpellings(PIECES.items()).whole_words() == {"dog", "d"}  # " Dog", " dog", " d"

@@ -112,18 +112,35 @@ class CtcPrefixScorer:
                 for i, (p, c) in enumerate(zip(prefixes, chars))]
 
 
-def ctc_nbest(scorer: CtcPrefixScorer, count: int, width: int, max_chars: int) -> list[tuple[float, str]]:
+class Lexicon:
+    """Words a transcript may hold (normalised like the CTC targets), and every prefix of them."""
+
+    def __init__(self, words: set[str]) -> None:
+        self.words = words
+        self.prefixes = {word[:end] for word in words for end in range(len(word) + 1)}
+
+    def allows(self, text: str, char: str) -> bool:
+        """Whether `text` may go on with `char` (a space ends a word) and keep to the lexicon."""
+        word = text[text.rfind(SPACE) + 1:]
+        return word in self.words if char == SPACE else word + char in self.prefixes
+
+
+def ctc_nbest(scorer: CtcPrefixScorer, count: int, width: int, max_chars: int,
+              lexicon: Lexicon | None = None) -> list[tuple[float, str]]:
     """The `count` likeliest transcripts (log P(labelling is text), text), best first, by a prefix
-    beam search of `width` over characters, no language model. It stops once no live prefix (whose
-    score bounds every transcript it begins) can enter the `count` best, or at `max_chars`."""
+    beam search of `width` over characters, no language model; with a `lexicon`, of its words only.
+    It stops once no live prefix (whose score bounds every transcript it begins) can enter the
+    `count` best, or at `max_chars`."""
     symbols = list(scorer.vocab.index)
     live, finished = [scorer.initial()], []
     for _ in range(max_chars + 1):
-        finished += [(scorer.final_score(p), p.text) for p in live if p.text and not p.text.endswith(SPACE)]
+        finished += [(scorer.final_score(p), p.text) for p in live if p.text and not p.text.endswith(SPACE)
+                     and (lexicon is None or lexicon.allows(p.text, SPACE))]
         finished = sorted(finished, reverse=True)[:count]
         bar = finished[-1][0] if len(finished) == count else -math.inf
         rows = [(p, c) for p in live for c in symbols
-                if c != SPACE or (p.text and not p.text.endswith(SPACE))]  # as the targets are spaced
+                if (c != SPACE or (p.text and not p.text.endswith(SPACE)))  # as the targets are spaced
+                and (lexicon is None or lexicon.allows(p.text, c))]
         extended = scorer.extend_by_chars([p for p, _ in rows], [c for _, c in rows]) if rows else []
         live = sorted((e for e in extended if e.score > bar), key=lambda e: -e.score)[:width]
         if not live:

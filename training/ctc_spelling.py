@@ -4,11 +4,13 @@ The joint beam (`transcribe.beam_search` with `ctc_prefix.CtcJointScore`) judges
 likeliest tokens, so where the adapter's vectors say little it never meets the words spoken:
 "Sure." scored -9.7 (LLM) and -0.1 (CTC) on the valid split, yet the beam returned "Shyrkshoes."
 (-13.2 and -88.9): the LLM ranked "Sure" below its first 8 tokens. Here the head's own n-best
-transcripts (`ctc_prefix.ctc_nbest`) become candidates too. The LLM spells each with its own tokens
+transcripts (`ctc_prefix.ctc_nbest`, of words that one token of the LLM spells: `whole_words`)
+become candidates too. The LLM spells each with its own tokens
 (casing, punctuation and where words split are its choice; the letters are fixed) by a small beam,
 all candidates in one batch, and each then has a joint score like the beam's: LLM log-probability
 + `weight` × the CTC log-probability of its letters. A misspelt candidate ("railoroslo") costs the
 LLM so much that it rarely wins; a clean one ("can you explain how to change a flat tire") does.
+Keeping the head's transcripts to the lexicon's words makes clean ones more common.
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ class TokenSpellings:
                 self.by_form.setdefault(added[0], []).append(token)
             elif piece and all(c in SENTENCE_PUNCTUATION for c in piece):
                 self.silent.append(token)
+
+    def whole_words(self) -> set[str]:
+        """Words that one token spells with its leading space (" school" gives "school")."""
+        return {form[1:] for form in self.by_form if form.startswith(SPACE) and SPACE not in form[1:]}
 
     def tokens(self, text: str, space_pending: bool, form: str) -> list[int]:
         """Tokens that add exactly `form` (with its leading space where one is due) after the

@@ -52,8 +52,8 @@ def _add_beam_arg(p: argparse.ArgumentParser) -> None:
                    help="weight of the model directory's CTC head (ctc_head.pt) in the beam (0: the LLM "
                         "alone; default: the weight its TRAINING.json records)")
     p.add_argument("--ctc-nbest", type=_non_negative_int, default=DEFAULT_CTC_NBEST,
-                   help="the CTC head's likeliest transcripts that the LLM spells out as more candidates "
-                        f"beside the beam's (0: none; default {DEFAULT_CTC_NBEST})")
+                   help="the CTC head's likeliest transcripts (of words one LLM token spells) that the LLM "
+                        f"spells out as more candidates beside the beam's (0: none; default {DEFAULT_CTC_NBEST})")
 
 
 def _non_negative_int(text: str) -> int:

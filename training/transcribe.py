@@ -58,9 +58,10 @@ through single letters (training/README.md)."""
 DEFAULT_CTC_CANDIDATES = 16
 """LLM tokens per hypothesis the CTC head judges at each step (8: 25.6 % at weight 0.1)."""
 DEFAULT_CTC_NBEST = 4
-"""The head's likeliest transcripts that the LLM spells out as more candidates beside the beam's
-(`ctc_spelling`; 0: none). On the valid split, 23.1 % with 4 spelled greedily, 22.8 % by a beam
-of 3 per transcript; 8 gave the same as 4 (22.8 %), only slower."""
+"""The head's likeliest transcripts of words that one LLM token spells (`ctc_prefix.Lexicon`), which
+the LLM spells out as more candidates beside the beam's (`ctc_spelling`; 0: none). On the valid
+split: 21.6 %. Without the lexicon, 23.1 % spelled greedily, 22.8 % by a beam of 3 per transcript,
+the same with 8 transcripts; those 4 beside the lexicon's 4 gave 21.6 % too, only slower."""
 CTC_NBEST_WIDTH = 8
 """Prefix beam width of the head's n-best search (`ctc_prefix.ctc_nbest`)."""
 DEFAULT_BEAM_WIDTH = 4
@@ -222,12 +223,14 @@ class CtcDecoding:
     """Cache: token id -> its text."""
     spellings: Any = field(default=None, repr=False)
     """Cache: the tokenizer's `ctc_spelling.TokenSpellings`."""
+    lexicon: Any = field(default=None, repr=False)
+    """Cache: the `ctc_prefix.Lexicon` of the words one token of the tokenizer spells."""
 
     def search(self, models: FreezeOmniModels, samples: np.ndarray, first_logits: torch.Tensor,
                past: Any, max_tokens: int, width: int) -> list[int]:
         """Token ids of the best joint score among the joint beam's transcript and the LLM's
-        spellings of the head's `nbest` likeliest transcripts; `past` (the LLM's cache after the
-        context, one row) is used up."""
+        spellings of the head's `nbest` likeliest transcripts of the lexicon's words; `past` (the
+        LLM's cache after the context, one row) is used up."""
         from training.ctc_head import ctc_log_probs
         from training.ctc_prefix import CtcJointScore, CtcPrefixScorer, ctc_nbest
         from training.ctc_spelling import spell_with_llm
@@ -241,7 +244,8 @@ class CtcDecoding:
         best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width, joint)
         if not self.nbest:
             return best[1]
-        heard = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, max_chars=scorer.log_probs.shape[0])
+        heard = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, scorer.log_probs.shape[0],
+                          self._lexicon(models.tokenizer))
         # A spelling whose LLM log-probability falls to its bar can no longer beat the beam's.
         bars = [best[0] - self.weight * ctc_score for ctc_score, _ in heard]
         spelled = spell_with_llm(first_logits, spare, batched_feed(models.llm), end_id, [t for _, t in heard],
@@ -250,6 +254,13 @@ class CtcDecoding:
             if llm_score + self.weight * ctc_score > best[0]:
                 best = (llm_score + self.weight * ctc_score, ids)
         return best[1]
+
+    def _lexicon(self, tokenizer: Any) -> Any:
+        from training.ctc_prefix import Lexicon
+
+        if self.lexicon is None:
+            self.lexicon = Lexicon(self._spellings(tokenizer).whole_words())
+        return self.lexicon
 
     def _spellings(self, tokenizer: Any) -> Any:
         from training.ctc_spelling import TokenSpellings, vocabulary_pieces
