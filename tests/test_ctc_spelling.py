@@ -23,6 +23,7 @@ def test_the_nbest_are_the_likeliest_labellings() -> None:
     assert [t for _, t in found] == [t for _, t in expected]
     assert [s for s, _ in found] == pytest.approx([s for s, _ in expected], abs=1e-6)
     assert ctc_nbest(CtcPrefixScorer(_spelled("my dog")), 1, 2, 20)[0][1] == "my dog"
+    assert ctc_nbest(CtcPrefixScorer(_spelled("my dog")), 0, 2, 20) == []
 
 
 END, DOG_CAPS, DOG, SPACE_DOG, D, OG, COMMA, BYTE, A = range(9)

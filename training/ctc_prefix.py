@@ -131,6 +131,8 @@ def ctc_nbest(scorer: CtcPrefixScorer, count: int, width: int, max_chars: int,
     beam search of `width` over characters, no language model; with a `lexicon`, of its words only.
     It stops once no live prefix (whose score bounds every transcript it begins) can enter the
     `count` best, or at `max_chars`."""
+    if count < 1:
+        return []
     symbols = list(scorer.vocab.index)
     live, finished = [scorer.initial()], []
     for _ in range(max_chars + 1):

@@ -113,18 +113,9 @@ class JointScore(Protocol):
         the transcript. A score may only fall as a transcript grows, and finishing may not raise it."""
 
 
-def beam_search(
-    first_logits: torch.Tensor,
-    state: Any,
-    feed: BatchFeed,
-    end_id: int,
-    max_tokens: int,
-    width: int,
-    joint: JointScore | None = None,
-) -> list[int]:
-    """Token ids (without the end token) of the likeliest hypothesis a beam of `width` finds
-    (`scored_beam_search`)."""
-    return scored_beam_search(first_logits, state, feed, end_id, max_tokens, width, joint)[1]
+def beam_search(*args: Any, **kwargs: Any) -> list[int]:
+    """The token ids of `scored_beam_search` (same arguments), without its score."""
+    return scored_beam_search(*args, **kwargs)[1]
 
 
 def scored_beam_search(
