@@ -53,7 +53,9 @@ def _feed_preferring(*order: int, after: dict | None = None):
     """A stand-in LLM that ranks the tokens in `order` first, in that order, or after a token
     `t` those in `after[t]`."""
     default, after = _logits_preferring(*order), {t: _logits_preferring(*o) for t, o in (after or {}).items()}
-    return default, lambda tokens, parents, state: (torch.stack([after.get(t, default) for t in tokens]), state)
+    def feed(tokens, parents, state):
+        return torch.stack([after.get(t, default) for t in tokens]), state
+    return default, feed
 
 
 def test_the_llm_spells_the_letters_its_own_way() -> None:
@@ -84,7 +86,8 @@ def test_letters_it_cannot_spell_or_too_many_tokens_give_minus_infinity() -> Non
     assert found[2][1] == [D, OG]
     assert spell_with_llm(first, None, feed, END, ["a dog"], spellings, max_tokens=1) == [(-math.inf, [])]
     bars = [found[0][0] + 0.01, found[2][0] - 0.01]  # just above and just below what it reaches
-    assert spell_with_llm(first, None, feed, END, ["a dog", "dog"], spellings, 6, bars) == [(-math.inf, []), found[2]]
+    assert spell_with_llm(first, None, feed, END, ["a dog", "dog"], spellings, 6, bars) == [(-math.inf, []),
+                                                                                        found[2]]
 
 
 def test_a_lexicon_keeps_the_nbest_to_its_words() -> None:

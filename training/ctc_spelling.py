@@ -5,10 +5,10 @@ likeliest tokens, so where the adapter's vectors say little it never meets the w
 "Sure." scored -9.7 (LLM) and -0.1 (CTC) on the valid split, yet the beam returned "Shyrkshoes."
 (-13.2 and -88.9): the LLM ranked "Sure" below its first 8 tokens. Here the head's own n-best
 transcripts (`ctc_prefix.ctc_nbest`, of words that one token of the LLM spells: `whole_words`)
-become candidates too. The LLM spells each with its own tokens
-(casing, punctuation and where words split are its choice; the letters are fixed) by a small beam,
-all candidates in one batch, and each then has a joint score like the beam's: LLM log-probability
-+ `weight` × the CTC log-probability of its letters. A misspelt candidate ("railoroslo") costs the
+become candidates too. The LLM spells each with its own tokens (casing, punctuation and where
+words split are its choice; the letters are fixed) by a small beam, all candidates in one batch,
+and each then has a joint score like the beam's: LLM log-probability + `weight` × the CTC
+log-probability of its letters. A misspelt candidate ("railoroslo") costs the
 LLM so much that it rarely wins; a clean one ("can you explain how to change a flat tire") does.
 Keeping the head's transcripts to the lexicon's words makes clean ones more common.
 """
@@ -63,7 +63,9 @@ class TokenSpellings:
         if not text:  # a leading separator is dropped at the start
             return self.by_form.get(form, []) + self.by_form.get(SPACE + form, [])
         if space_pending:  # the next letter comes after a space: the token's own is optional
-            return self.by_form.get(form, []) + self.by_form.get(form[1:], []) if form.startswith(SPACE) else []
+            if not form.startswith(SPACE):
+                return []
+            return self.by_form.get(form, []) + self.by_form.get(form[1:], [])
         return self.by_form.get(form, [])
 
     def next_tokens(self, text: str, space_pending: bool, target: str) -> list[int]:
@@ -91,7 +93,7 @@ def spell_with_llm(first_logits: torch.Tensor, state: Any, feed: Callable, end_i
     log-probability only falls) is likelier than its best. `first_logits` [V] and `state` (one
     row) are the LLM after its context; `feed` is a `transcribe.BatchFeed` and may change `state`."""
     vocab = vocab or CharVocab()
-    best = [(-math.inf if bars is None else bar, ()) for bar in (bars or targets)]
+    best = [(bar, ()) for bar in (bars if bars is not None else [-math.inf] * len(targets))]
     live = [(0, i, _Spelling(target)) for i, target in enumerate(targets)]  # (state row, target, spelling)
     logits = first_logits.reshape(1, -1)
     while live:
@@ -103,8 +105,9 @@ def spell_with_llm(first_logits: torch.Tensor, state: Any, feed: Callable, end_i
             allowed = spelling.allowed(spellings, max_tokens)
             if allowed:
                 top = log_probs[r, allowed].topk(min(width, len(allowed)))
-                options.setdefault(i, []).extend(
-                    (spelling.score + value, r, allowed[k], spelling) for value, k in zip(top.values.tolist(), top.indices.tolist()))
+                pairs = zip(top.values.tolist(), top.indices.tolist())
+                found = [(spelling.score + value, r, allowed[k], spelling) for value, k in pairs]
+                options.setdefault(i, []).extend(found)
         live = [(r, i, spelling.take(token, score, spellings, vocab))
                 for i, found in options.items()
                 for score, r, token, spelling in sorted(found, key=lambda o: -o[0])[:width]
@@ -133,7 +136,8 @@ class _Spelling:
         if len(self.ids) >= max_tokens:
             return []
         allowed = spellings.next_tokens(self.text, self.pending, self.target)
-        if self.text and self.silent < MAX_SILENT_TOKENS_IN_A_ROW and self.target[len(self.text):][:1] in ("", SPACE):
+        word_ends = self.target[len(self.text):][:1] in ("", SPACE)
+        if self.text and self.silent < MAX_SILENT_TOKENS_IN_A_ROW and word_ends:
             allowed += spellings.silent
         return allowed
 

@@ -232,7 +232,8 @@ class CtcDecoding:
         end_id, piece = models.llm.layout.end_of_turn_id, self._piece(models.tokenizer)
         spare = copy.deepcopy(past) if self.nbest else None  # the beam changes `past` in place
         joint = CtcJointScore(scorer, piece, self.weight, self.candidates)
-        best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width, joint)
+        best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width,
+                                  joint)
         if not self.nbest:
             return best[1]
         heard = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, scorer.log_probs.shape[0],
