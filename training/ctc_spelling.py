@@ -106,8 +106,8 @@ def spell_with_llm(first_logits: torch.Tensor, state: Any, feed: Callable, end_i
             if allowed:
                 top = log_probs[r, allowed].topk(min(width, len(allowed)))
                 pairs = zip(top.values.tolist(), top.indices.tolist())
-                found = [(spelling.score + value, r, allowed[k], spelling) for value, k in pairs]
-                options.setdefault(i, []).extend(found)
+                options.setdefault(i, []).extend([(spelling.score + value, r, allowed[k], spelling)
+                                                  for value, k in pairs])
         live = [(r, i, spelling.take(token, score, spellings, vocab))
                 for i, found in options.items()
                 for score, r, token, spelling in sorted(found, key=lambda o: -o[0])[:width]
