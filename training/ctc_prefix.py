@@ -70,14 +70,11 @@ class CtcPrefixScorer:
         """log P(the frames' labelling is exactly `prefix.text`)."""
         return float(torch.logaddexp(prefix.log_nonblank[-1], prefix.log_blank[-1]))
 
-    def characters(self, prefix: CtcPrefix, piece: str) -> tuple[str, bool] | None:
-        """`added_characters` of `piece` after `prefix`."""
-        return added_characters(self.vocab, prefix.text, prefix.space_pending, piece)
-
     def extend(self, prefixes: list[CtcPrefix], pieces: list[str]) -> list[CtcPrefix]:
         """`prefixes[i]` continued by the text `pieces[i]`, all at once; a piece with a letter the
-        head has no symbol for (`characters`) gets the score -inf."""
-        added = [self.characters(p, piece) for p, piece in zip(prefixes, pieces, strict=True)]
+        head has no symbol for (`added_characters`) gets the score -inf."""
+        added = [added_characters(self.vocab, p.text, p.space_pending, piece)
+                 for p, piece in zip(prefixes, pieces, strict=True)]
         current = list(prefixes)
         for j in range(max((len(a[0]) for a in added if a is not None), default=0)):
             rows = [i for i, a in enumerate(added) if a is not None and len(a[0]) > j]
