@@ -59,6 +59,25 @@ def test_the_head_is_causal(head_run: Path) -> None:
     assert not torch.allclose(head(frames)[:, 20:], head(changed)[:, 20:])
 
 
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_a_lookahead_head_sees_exactly_its_lookahead(lookahead: int) -> None:
+    """Each of the 2 convolutions sees `lookahead` frames ahead, so frame t reads frames up to
+    t + 2 × lookahead and none after; a change at frame 20 moves frames 20 − 2 × lookahead on."""
+    from training.ctc_head import CtcHead, CtcHeadDims
+
+    head = CtcHead(CtcHeadDims(model_dim=8, hidden=12, kernel_frames=5, lookahead_frames=lookahead)).eval()
+    frames = torch.randn(1, 30, 8)
+    changed = frames.clone()
+    changed[:, 20] = torch.randn(8)  # not a constant shift, which the LayerNorm removes
+    first_moved = 20 - 2 * lookahead
+    with torch.inference_mode():
+        before, after = head(frames)[0], head(changed)[0]
+    torch.testing.assert_close(before[:first_moved], after[:first_moved])
+    assert not torch.allclose(before[first_moved], after[first_moved])
+    with pytest.raises(ValueError, match="lookahead_frames must be 0 to kernel_frames - 1"):
+        CtcHead(CtcHeadDims(model_dim=8, kernel_frames=3, lookahead_frames=3))
+
+
 def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, head_run: Path, tmp_path: Path,
                                                                 monkeypatch) -> None:
     import training.transcribe as transcribe_module

@@ -5,7 +5,8 @@ transcript holds, and where the adapter's vectors say little it writes a fluent 
 own. This head reads the encoder's streaming frames (25 per second, the deployed chunk mask, eval
 mode: the frames the engine computes) and learns the characters again with CTC, everything else
 frozen. `transcribe` then adds its prefix scores to the LLM's beam (`training.ctc_prefix`). The
-head is two causal convolutions (each looks back `kernel - 1` frames, never ahead), so it could
+head is a few convolutions; each looks back `kernel - 1 - lookahead` frames and ahead `lookahead`
+frames. `transcribe` reads a whole file, so it may look ahead; with no lookahead the head could
 also run chunk by chunk.
 
 The head lives beside the released layout, as `ctc_head.pt` in the model directory
@@ -41,9 +42,11 @@ class CtcHeadDims:
     """Encoder output width."""
     hidden: int = 384
     kernel_frames: int = 5
-    """Causal convolution width in encoder frames (40 ms each)."""
+    """Convolution width in encoder frames (40 ms each)."""
     layers: int = 2
-    """Causal convolutions in a row (each followed by a GELU)."""
+    """Convolutions in a row (each followed by a GELU)."""
+    lookahead_frames: int = 0
+    """Frames each convolution sees after its own (0: causal; at most `kernel_frames - 1`)."""
     symbols: str = CharVocab.SYMBOLS
     """Output symbols after the blank (`CharVocab.SYMBOLS`)."""
 
@@ -53,6 +56,9 @@ class CtcHead(nn.Module):
 
     def __init__(self, dims: CtcHeadDims, dropout: float = 0.1) -> None:
         super().__init__()
+        if not 0 <= dims.lookahead_frames < dims.kernel_frames:
+            raise ValueError(f"lookahead_frames must be 0 to kernel_frames - 1 ({dims.kernel_frames - 1}), "
+                             f"not {dims.lookahead_frames}")
         self.dims = dims
         self.norm = nn.LayerNorm(dims.model_dim)
         self.convs = nn.ModuleList(
@@ -63,8 +69,9 @@ class CtcHead(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         x = self.norm(frames).transpose(1, 2)  # [B, D, T]
-        for conv in self.convs:
-            x = nn.functional.gelu(conv(nn.functional.pad(x, (self.dims.kernel_frames - 1, 0))))  # past only
+        ahead = self.dims.lookahead_frames
+        for conv in self.convs:  # zero padding: frame t sees t - (kernel - 1 - ahead) ... t + ahead
+            x = nn.functional.gelu(conv(nn.functional.pad(x, (self.dims.kernel_frames - 1 - ahead, ahead))))
         return self.out(self.drop(x.transpose(1, 2))).float().log_softmax(-1)
 
 
@@ -77,6 +84,7 @@ class CtcHeadConfig:
     hidden: int = 384
     kernel_frames: int = 5
     layers: int = 2
+    lookahead_frames: int = 0
     extra_data: tuple[Path, ...] = ()
     """Train splits of further data sets (their texts that `data` holds out are left out)."""
     train_limit: int | None = None
@@ -148,7 +156,8 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
     targets = [t for _, t in kept]
     order = sorted(range(len(frames)), key=lambda i: frames[i].shape[0])
     frames, targets = [frames[i] for i in order], [targets[i] for i in order]
-    dims = CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers)
+    dims = CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers,
+                       lookahead_frames=config.lookahead_frames)
     head = CtcHead(dims).to(device)
     batch = min(config.batch_utterances, len(frames))
     logger.info("ctc head: %d train utterances (%.1f h), %d head parameters", len(frames),

@@ -144,8 +144,11 @@ def add_ctc_head(steps: argparse._SubParsersAction) -> None:
     _add_extra_data(p, "utterances")
     p.add_argument("--hidden", type=int, default=384, help="width of the head's convolutions")
     p.add_argument("--kernel-frames", type=int, default=5,
-                   help="causal convolution width in encoder frames (40 ms each)")
-    p.add_argument("--layers", type=int, default=2, help="causal convolutions in a row")
+                   help="convolution width in encoder frames (40 ms each)")
+    p.add_argument("--layers", type=int, default=2, help="convolutions in a row")
+    p.add_argument("--lookahead-frames", type=int, default=0,
+                   help="frames each convolution sees ahead (0: causal; transcribe reads whole files, "
+                        "so it may look ahead)")
     _add_loop_args(p, steps=6000, lr=2e-3, batch=32)
 
 
@@ -222,9 +225,12 @@ def run_ctc_head(args: argparse.Namespace) -> int:
     _setup(args)
     if min(args.hidden, args.kernel_frames, args.layers) < 1:
         raise ValueError("--hidden, --kernel-frames and --layers must be at least 1")
+    if not 0 <= args.lookahead_frames < args.kernel_frames:
+        raise ValueError("--lookahead-frames must be 0 to --kernel-frames - 1")
     config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
                            kernel_frames=args.kernel_frames, layers=args.layers,
-                           extra_data=tuple(args.extra_data), train_limit=args.train_limit)
+                           lookahead_frames=args.lookahead_frames, extra_data=tuple(args.extra_data),
+                           train_limit=args.train_limit)
     return _report(train_ctc_head(args.init, args.data, args.out, config))
 
 
