@@ -78,6 +78,17 @@ def test_a_lookahead_head_sees_exactly_its_lookahead(lookahead: int) -> None:
         CtcHead(CtcHeadDims(model_dim=8, kernel_frames=3, lookahead_frames=3))
 
 
+def test_speed_perturbed_copies_join_the_training_set(chain: dict, tmp_path: Path) -> None:
+    summary = train_ctc_head(chain["root"] / "run3", chain["data"], tmp_path / "speed",
+                             CtcHeadConfig(loop=_loop(2), batch_utterances=2, hidden=8, speed_factors=(0.9,)))
+    unperturbed = train_ctc_head(chain["root"] / "run3", chain["data"], tmp_path / "plain",
+                                 CtcHeadConfig(loop=_loop(2), batch_utterances=2, hidden=8))
+    assert summary["train_utterances"] == 2 * unperturbed["train_utterances"] > 0
+    with pytest.raises(ValueError, match="not 1"):
+        train_ctc_head(chain["root"] / "run3", chain["data"], tmp_path / "one",
+                       CtcHeadConfig(loop=_loop(2), speed_factors=(1.0,)))
+
+
 def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, head_run: Path, tmp_path: Path,
                                                                 monkeypatch) -> None:
     import training.transcribe as transcribe_module

@@ -87,6 +87,8 @@ class CtcHeadConfig:
     lookahead_frames: int = 0
     extra_data: tuple[Path, ...] = ()
     """Train splits of further data sets (their texts that `data` holds out are left out)."""
+    speed_factors: tuple[float, ...] = ()
+    """Copies of `data`'s train split played this many times as fast (`features.speed_perturbed`)."""
     train_limit: int | None = None
     valid_limit: int = 200
 
@@ -146,7 +148,8 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
     device = config.loop.torch_device
     encoder = _frozen_encoder(init, device)
     vocab = CharVocab()
-    train = load_train_utterances(data_dir, ASR_KINDS, config.extra_data, config.train_limit)
+    train = load_train_utterances(data_dir, ASR_KINDS, config.extra_data, config.train_limit,
+                                  config.speed_factors)
     valid = load_utterances(data_dir, "valid", ASR_KINDS, config.valid_limit)
     kept = [(u, vocab.encode(u.entry.text)) for u in train]
     kept = [(u, t) for u, t in kept if t and len(t) <= u.chunks.shape[0] * encoder.dims.chunk_frames]

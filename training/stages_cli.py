@@ -142,6 +142,7 @@ def add_ctc_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--init", type=Path, required=True, help="stage-2/3 run directory (or its result.pt)")
     _add_extra_data(p, "utterances")
+    _add_speed_perturb(p, "utterances")
     p.add_argument("--hidden", type=int, default=384, help="width of the head's convolutions")
     p.add_argument("--kernel-frames", type=int, default=5,
                    help="convolution width in encoder frames (40 ms each)")
@@ -230,7 +231,7 @@ def run_ctc_head(args: argparse.Namespace) -> int:
     config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
                            kernel_frames=args.kernel_frames, layers=args.layers,
                            lookahead_frames=args.lookahead_frames, extra_data=tuple(args.extra_data),
-                           train_limit=args.train_limit)
+                           train_limit=args.train_limit, speed_factors=tuple(args.speed_perturb))
     return _report(train_ctc_head(args.init, args.data, args.out, config))
 
 
