@@ -93,6 +93,25 @@ def test_the_ctc_score_changes_which_transcript_the_beam_returns() -> None:
     assert search(0.1) == [dog]  # the audio spells "dog"
 
 
+def test_a_transcript_cut_at_the_token_cap_is_scored_as_finished() -> None:
+    """Padding with separators up to the cap must not leave the rest of the audio unexplained
+    for free: the audio spells "dog cat", the LLM likes "dog" followed by dots."""
+    end, dog, dot, cat = 0, 1, 2, 3
+    pieces = {dog: " dog", dot: ".", cat: " cat"}
+    first = torch.log(torch.tensor([0.001, 0.997, 0.001, 0.001]))
+    after_dog = torch.log(torch.tensor([0.001, 0.001, 0.99, 0.008]))  # the LLM wants dots
+    after_cat = torch.log(torch.tensor([0.997, 0.001, 0.001, 0.001]))
+
+    def feed(tokens, parents, state):
+        rows = [after_cat if token == cat else after_dog for token in tokens]
+        return torch.stack(rows), state
+
+    scorer = CtcPrefixScorer(_spelled("dog cat"))
+    joint = CtcJointScore(scorer, pieces.get, 1.0, 4)
+    ids = beam_search(first, None, feed, end, max_tokens=4, width=2, joint=joint)
+    assert ids[0] == dog and ids[-1] == cat  # not "dog..." (the cap is 4 tokens)
+
+
 def test_a_finished_transcript_never_scores_above_its_prefix() -> None:
     log_probs, _ = _random_log_probs(10, "abc ", seed=3)
     scorer = CtcPrefixScorer(log_probs)

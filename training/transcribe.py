@@ -133,9 +133,9 @@ def scored_beam_search(
     hypotheses' next tokens in one batched call (`BatchFeed`). A hypothesis finishes on `end_id` or
     at `max_tokens` tokens. Finished hypotheses are ranked by their log-probability alone
     (normalising it by the length was worse on the valid split), plus `joint`'s score when given
-    (a hypothesis cut at `max_tokens` keeps its prefix score). Neither can rise as a hypothesis
-    grows, so the search stops once no live one is likelier than the best finished one. Width 1
-    is greedy decoding.
+    (a hypothesis cut at `max_tokens` takes the score of a finished one). Neither can rise as a
+    hypothesis grows, so the search stops once no live one is likelier than the best finished one.
+    Width 1 is greedy decoding.
     """
     if width < 1:
         raise ValueError(f"beam width must be at least 1, not {width}")
@@ -159,6 +159,7 @@ def scored_beam_search(
             candidates = [c for c in candidates if c[0] > best[0]]
             states, scores = joint.extend([alive[row][2] for _, row, _ in candidates],
                                           [token for *_, token in candidates], end_id)
+            scores = _finish_cut(joint, candidates, alive, states, list(scores), end_id, max_tokens)
             judged = [(llm, row, token, s, score)
                       for (llm, row, token), s, score in zip(candidates, states, scores)]
         judged.sort(key=lambda c: -(c[0] + c[4]))
@@ -178,6 +179,21 @@ def scored_beam_search(
         logits, state = feed(tokens, parents, state)
         alive = [(llm, alive[row][1] + (token,), s, score) for llm, row, token, s, score in continued]
     return best[0], list(best[1])
+
+
+def _finish_cut(joint: JointScore, candidates: list[tuple[float, int, int]], alive: list, states: list,
+                scores: list[float], end_id: int, max_tokens: int) -> list[float]:
+    """`scores` with the candidates that reach `max_tokens` without `end_id` scored as finished
+    transcripts. With their prefix scores, a beam could pad a transcript with separators up to
+    the cap ("Is it going to rain??||:||:…" at CTC weight 0.6) and leave the rest of the audio
+    unexplained at no cost."""
+    cut = [i for i, (_, row, token) in enumerate(candidates)
+           if token != end_id and len(alive[row][1]) + 1 >= max_tokens]
+    if cut:
+        _, finished = joint.extend([states[i] for i in cut], [end_id] * len(cut), end_id)
+        for i, score in zip(cut, finished):
+            scores[i] = score
+    return scores
 
 
 def batched_feed(llm: Any) -> BatchFeed:
