@@ -124,6 +124,33 @@ def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, hea
         model_ctc_decoding(model, nbest=-1)
 
 
+def test_a_spelled_out_transcript_gives_way_to_the_heads_own(chain: dict, head_run: Path, monkeypatch) -> None:
+    import math
+
+    import training.ctc_head as ctc_head_module
+    import training.transcribe as transcribe_module
+    from quantized_models.model_dir import load_models
+    from training.eval import normalise_words
+    from training.features import CharVocab, load_wav
+
+    assert transcribe_module.spelled_out("The r l o d e r, please.")
+    assert not transcribe_module.spelled_out("I have a dog at 5 p.")  # "a", "I", digits and one letter
+    vocab, heard, path = CharVocab(), "hello there", []
+    for symbol in vocab.encode(heard):
+        path += [vocab.BLANK, symbol] if path and path[-1] == symbol else [symbol]  # "ll" needs a blank
+    log_probs = torch.full((len(path), 1 + len(vocab.SYMBOLS)), math.log(0.01 / len(vocab.SYMBOLS)))
+    for t, symbol in enumerate(path):
+        log_probs[t, symbol] = math.log(0.99)
+    monkeypatch.setattr(ctc_head_module, "ctc_log_probs", lambda *args: log_probs)  # the head hears it
+    models = load_models(chain["model_dir"], chain["llm_dir"], torch.device("cpu"), torch.float32)
+    decoding = CtcDecoding(load_ctc_head(head_run / CTC_HEAD_NAME), 1e-6, nbest=0)  # the tiny LLM decides
+    samples = load_wav(chain["data"] / "wav/u1.wav")
+    joint = transcribe_module.transcribe(models, samples, ctc=decoding)
+    monkeypatch.setattr(transcribe_module, "spelled_out", lambda text: True)
+    replaced = transcribe_module.transcribe(models, samples, ctc=decoding)
+    assert normalise_words(replaced) == heard.split() != normalise_words(joint)
+
+
 def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_path: Path) -> None:
     from training.export import export_model_dir
 
