@@ -144,10 +144,10 @@ def add_ctc_head(steps: argparse._SubParsersAction) -> None:
     _add_extra_data(p, "utterances")
     _add_speed_perturb(p, "utterances")
     p.add_argument("--hidden", type=int, default=384, help="width of the head's convolutions")
-    p.add_argument("--kernel-frames", type=int, default=5,
+    p.add_argument("--kernel-frames", type=int, default=9,
                    help="convolution width in encoder frames (40 ms each)")
-    p.add_argument("--layers", type=int, default=2, help="convolutions in a row")
-    p.add_argument("--lookahead-frames", type=int, default=0,
+    p.add_argument("--layers", type=int, default=3, help="convolutions in a row")
+    p.add_argument("--lookahead-frames", type=int, default=4,
                    help="frames each convolution sees ahead (0: causal; transcribe reads whole files, "
                         "so it may look ahead)")
     _add_loop_args(p, steps=6000, lr=2e-3, batch=32)
