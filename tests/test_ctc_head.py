@@ -126,7 +126,8 @@ def test_export_carries_the_head_and_transcribe_decodes_with_it(chain: dict, hea
         model_ctc_decoding(model, nbest=-1)
 
 
-def test_a_spelled_out_transcript_gives_way_to_the_heads_own(chain: dict, head_run: Path, monkeypatch) -> None:
+def test_a_spelled_out_transcript_gives_way_to_the_heads_own(chain: dict, head_run: Path,
+                                                             monkeypatch) -> None:
     import math
 
     import training.ctc_head as ctc_head_module

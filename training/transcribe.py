@@ -254,7 +254,7 @@ class CtcDecoding:
         from training.ctc_head import ctc_log_probs
         from training.ctc_prefix import CtcJointScore, CtcPrefixScorer, ctc_nbest
         from training.ctc_spelling import spell_with_llm
-        from training.features import CharVocab, utterance_chunks
+        from training.features import utterance_chunks
 
         scorer = CtcPrefixScorer(ctc_log_probs(models.encoder, self.head,
                                                utterance_chunks(samples, models.n_mels)))
@@ -268,19 +268,33 @@ class CtcDecoding:
                               self._lexicon(models.tokenizer))
             # A spelling whose LLM log-probability falls to its bar can no longer beat the beam's.
             bars = [best[0] - self.weight * ctc_score for ctc_score, _ in heard]
-            spelled = spell_with_llm(first_logits, copy.deepcopy(pristine), batched_feed(models.llm), end_id,
-                                     [t for _, t in heard], self._spellings(models.tokenizer), max_tokens, bars)
+            spelled = spell_with_llm(first_logits, copy.deepcopy(pristine), batched_feed(models.llm),
+                                     end_id, [t for _, t in heard], self._spellings(models.tokenizer),
+                                     max_tokens, bars)
             for (ctc_score, _), (llm_score, ids) in zip(heard, spelled):
                 if llm_score + self.weight * ctc_score > best[0]:
                     best = (llm_score + self.weight * ctc_score, ids)
         if spelled_out("".join(piece(token) for token in best[1])):
-            own = " ".join(CharVocab().greedy(scorer.log_probs.argmax(-1).tolist()).split())
-            llm_score, ids = spell_with_llm(first_logits, pristine, batched_feed(models.llm), end_id, [own],
-                                            self._spellings(models.tokenizer), max_tokens)[0]
-            if llm_score > -math.inf:
-                logger.debug("spelled-out transcript replaced by the head's own: %r", own)
-                return ids
+            own = self._own_transcript(models, scorer, first_logits, pristine, max_tokens)
+            if own is not None:
+                return own
         return best[1]
+
+    def _own_transcript(self, models: FreezeOmniModels, scorer: Any, first_logits: torch.Tensor, past: Any,
+                        max_tokens: int) -> list[int] | None:
+        """The LLM's spelling of the head's greedy transcript (None where it has none within
+        `max_tokens`); `past` is used up."""
+        from training.ctc_spelling import spell_with_llm
+        from training.features import CharVocab
+
+        own = " ".join(CharVocab().greedy(scorer.log_probs.argmax(-1).tolist()).split())
+        end_id = models.llm.layout.end_of_turn_id
+        llm_score, ids = spell_with_llm(first_logits, past, batched_feed(models.llm), end_id, [own],
+                                        self._spellings(models.tokenizer), max_tokens)[0]
+        if llm_score == -math.inf:
+            return None
+        logger.debug("spelled-out transcript replaced by the head's own: %r", own)
+        return ids
 
     def _lexicon(self, tokenizer: Any) -> Any:
         from training.ctc_prefix import Lexicon
