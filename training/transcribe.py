@@ -64,7 +64,8 @@ the same with 8 transcripts; those 4 beside the lexicon's 4 gave 21.6 % too, onl
 SPELLED_OUT_LETTERS = 2
 """One-letter words (other than "a" and "I") that mark a joint transcript as spelled out. On the
 unheard valid split (120 utterances) with the kept head at weight 0.3, replacing such transcripts
-by the head's own took the WER from 18.3 to 16.5 % (training/README.md)."""
+by the LLM's spelling of the head's own took the WER from 18.3 to 16.5 %; at weight 0.2 the head's
+own text as it stands gave 16.0 % (training/README.md)."""
 CTC_NBEST_WIDTH = 8
 """Prefix beam width of the head's n-best search (`ctc_prefix.ctc_nbest`)."""
 DEFAULT_BEAM_WIDTH = 4
@@ -249,8 +250,7 @@ class CtcDecoding:
                past: Any, max_tokens: int, width: int) -> list[int]:
         """Token ids of the best joint score among the joint beam's transcript and the LLM's
         spellings of the head's `nbest` likeliest transcripts of the lexicon's words; where that
-        is spelled out letter by letter (`spelled_out`), the LLM's spelling of the head's own
-        greedy transcript. `past` (the LLM's cache after the context, one row) is used up."""
+        is spelled out letter by letter (`spelled_out`), the head's own greedy transcript. `past` (the LLM's cache after the context, one row) is used up."""
         from training.ctc_head import ctc_log_probs
         from training.ctc_prefix import CtcJointScore, CtcPrefixScorer, ctc_nbest
         from training.ctc_spelling import spell_with_llm
@@ -259,7 +259,7 @@ class CtcDecoding:
         scorer = CtcPrefixScorer(ctc_log_probs(models.encoder, self.head,
                                                utterance_chunks(samples, models.n_mels)))
         end_id, piece = models.llm.layout.end_of_turn_id, self._piece(models.tokenizer)
-        pristine = copy.deepcopy(past)  # the beam changes `past` in place
+        spare = copy.deepcopy(past) if self.nbest else None  # the beam changes `past` in place
         joint = CtcJointScore(scorer, piece, self.weight, self.candidates)
         best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width,
                                   joint)
@@ -268,33 +268,24 @@ class CtcDecoding:
                               self._lexicon(models.tokenizer))
             # A spelling whose LLM log-probability falls to its bar can no longer beat the beam's.
             bars = [best[0] - self.weight * ctc_score for ctc_score, _ in heard]
-            spelled = spell_with_llm(first_logits, copy.deepcopy(pristine), batched_feed(models.llm),
+            spelled = spell_with_llm(first_logits, spare, batched_feed(models.llm),
                                      end_id, [t for _, t in heard], self._spellings(models.tokenizer),
                                      max_tokens, bars)
             for (ctc_score, _), (llm_score, ids) in zip(heard, spelled):
                 if llm_score + self.weight * ctc_score > best[0]:
                     best = (llm_score + self.weight * ctc_score, ids)
         if spelled_out("".join(piece(token) for token in best[1])):
-            own = self._own_transcript(models, scorer, first_logits, pristine, max_tokens)
-            if own is not None:
-                return own
+            return self._own_transcript(models, scorer)
         return best[1]
 
-    def _own_transcript(self, models: FreezeOmniModels, scorer: Any, first_logits: torch.Tensor, past: Any,
-                        max_tokens: int) -> list[int] | None:
-        """The LLM's spelling of the head's greedy transcript (None where it has none within
-        `max_tokens`); `past` is used up."""
-        from training.ctc_spelling import spell_with_llm
+    def _own_transcript(self, models: FreezeOmniModels, scorer: Any) -> list[int]:
+        """The tokens of the head's greedy transcript as it stands (its first letter capitalised).
+        The LLM's spelling of it kept the letters but cased them oddly ("How many carS, RU, pOcKtAR")."""
         from training.features import CharVocab
 
         own = " ".join(CharVocab().greedy(scorer.log_probs.argmax(-1).tolist()).split())
-        end_id = models.llm.layout.end_of_turn_id
-        llm_score, ids = spell_with_llm(first_logits, past, batched_feed(models.llm), end_id, [own],
-                                        self._spellings(models.tokenizer), max_tokens)[0]
-        if llm_score == -math.inf:
-            return None
         logger.debug("spelled-out transcript replaced by the head's own: %r", own)
-        return ids
+        return models.tokenizer.encode(own[:1].upper() + own[1:], add_special_tokens=False)
 
     def _lexicon(self, tokenizer: Any) -> Any:
         from training.ctc_prefix import Lexicon
