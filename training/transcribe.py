@@ -250,7 +250,8 @@ class CtcDecoding:
                past: Any, max_tokens: int, width: int) -> list[int]:
         """Token ids of the best joint score among the joint beam's transcript and the LLM's
         spellings of the head's `nbest` likeliest transcripts of the lexicon's words; where that
-        is spelled out letter by letter (`spelled_out`), the head's own greedy transcript. `past` (the LLM's cache after the context, one row) is used up."""
+        is spelled out letter by letter (`spelled_out`), the head's own greedy transcript. `past`
+        (the LLM's cache after the context, one row) is used up."""
         from training.ctc_head import ctc_log_probs
         from training.ctc_prefix import CtcJointScore, CtcPrefixScorer, ctc_nbest
         from training.ctc_spelling import spell_with_llm
