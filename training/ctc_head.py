@@ -70,8 +70,9 @@ class CtcHead(nn.Module):
     def forward(self, frames: Tensor) -> Tensor:
         x = self.norm(frames).transpose(1, 2)  # [B, D, T]
         ahead = self.dims.lookahead_frames
-        for conv in self.convs:  # zero padding: frame t sees t - (kernel - 1 - ahead) ... t + ahead
-            x = nn.functional.gelu(conv(nn.functional.pad(x, (self.dims.kernel_frames - 1 - ahead, ahead))))
+        for i, conv in enumerate(self.convs):  # zero padding: frame t sees t - (kernel - 1 - ahead) ... t + ahead
+            x = conv(nn.functional.pad(self.drop(x) if i else x, (self.dims.kernel_frames - 1 - ahead, ahead)))
+            x = nn.functional.gelu(x)
         return self.out(self.drop(x.transpose(1, 2))).float().log_softmax(-1)
 
 
@@ -92,6 +93,8 @@ class CtcHeadConfig:
     """Train splits of further data sets (their texts that `data` holds out are left out)."""
     speed_factors: tuple[float, ...] = ()
     """Copies of `data`'s train split played this many times as fast (`features.speed_perturbed`)."""
+    dropout: float = 0.1
+    """Dropout before every convolution but the first, and before the output layer."""
     train_limit: int | None = None
     valid_limit: int = 200
 
@@ -164,7 +167,7 @@ def train_ctc_head(init: Path, data_dir: Path, run_dir: Path, config: CtcHeadCon
     frames, targets = [frames[i] for i in order], [targets[i] for i in order]
     dims = CtcHeadDims(encoder.dims.model_dim, config.hidden, config.kernel_frames, layers=config.layers,
                        lookahead_frames=config.lookahead_frames)
-    head = CtcHead(dims).to(device)
+    head = CtcHead(dims, config.dropout).to(device)
     batch = min(config.batch_utterances, len(frames))
     logger.info("ctc head: %d train utterances (%.1f h), %d head parameters", len(frames),
                 sum(f.shape[0] for f in frames) / 25 / 3600, sum(p.numel() for p in head.parameters()))

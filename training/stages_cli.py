@@ -150,6 +150,8 @@ def add_ctc_head(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--lookahead-frames", type=int, default=4,
                    help="frames each convolution sees ahead (0: causal; transcribe reads whole files, "
                         "so it may look ahead)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout before every convolution but the first and before the output layer")
     _add_loop_args(p, steps=6000, lr=2e-3, batch=32)
 
 
@@ -228,10 +230,13 @@ def run_ctc_head(args: argparse.Namespace) -> int:
         raise ValueError("--hidden, --kernel-frames and --layers must be at least 1")
     if not 0 <= args.lookahead_frames < args.kernel_frames:
         raise ValueError("--lookahead-frames must be 0 to --kernel-frames - 1")
+    if not 0 <= args.dropout < 1:
+        raise ValueError("--dropout must be at least 0 and below 1")
     config = CtcHeadConfig(loop=loop_config(args), batch_utterances=args.batch, hidden=args.hidden,
                            kernel_frames=args.kernel_frames, layers=args.layers,
                            lookahead_frames=args.lookahead_frames, extra_data=tuple(args.extra_data),
-                           train_limit=args.train_limit, speed_factors=tuple(args.speed_perturb))
+                           train_limit=args.train_limit, speed_factors=tuple(args.speed_perturb),
+                           dropout=args.dropout)
     return _report(train_ctc_head(args.init, args.data, args.out, config))
 
 
