@@ -94,7 +94,9 @@ class CtcHeadConfig:
     speed_factors: tuple[float, ...] = ()
     """Copies of `data`'s train split played this many times as fast (`features.speed_perturbed`)."""
     dropout: float = 0.1
-    """Dropout before every convolution but the first, and before the output layer."""
+    """Dropout before every convolution but the first, and before the output layer. The kept head
+    was trained before the convolutions had it (0.1 before the output layer only); 0.3 on both made
+    a better greedy head but no better joint transcripts (training/README.md)."""
     train_limit: int | None = None
     valid_limit: int = 200
 
