@@ -70,9 +70,9 @@ class CtcHead(nn.Module):
     def forward(self, frames: Tensor) -> Tensor:
         x = self.norm(frames).transpose(1, 2)  # [B, D, T]
         ahead = self.dims.lookahead_frames
-        for i, conv in enumerate(self.convs):  # zero padding: frame t sees t - (kernel - 1 - ahead) ... t + ahead
-            x = conv(nn.functional.pad(self.drop(x) if i else x, (self.dims.kernel_frames - 1 - ahead, ahead)))
-            x = nn.functional.gelu(x)
+        behind = self.dims.kernel_frames - 1 - ahead
+        for i, conv in enumerate(self.convs):  # zero padding: frame t sees t - behind ... t + ahead
+            x = nn.functional.gelu(conv(nn.functional.pad(self.drop(x) if i else x, (behind, ahead))))
         return self.out(self.drop(x.transpose(1, 2))).float().log_softmax(-1)
 
 
