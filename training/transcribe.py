@@ -211,13 +211,11 @@ def _finish_cut(joint: JointScore, candidates: list[tuple[float, int, int]], ali
     return scores
 
 
-def spelled_out(text: str, letters: int = SPELLED_OUT_LETTERS) -> bool:
-    """Whether `text` holds at least `letters` words of one letter other than "a" and "I": the
-    joint beam's sign that the LLM found no word for what the head hears ("the r l o d e r t"),
-    so it followed the head's characters one letter at a time."""
-    from training.eval import normalise_words
-
-    return sum(len(w) == 1 and w.isalpha() and w not in ("a", "i") for w in normalise_words(text)) >= letters
+def spelled_out(words: list[str], letters: int = SPELLED_OUT_LETTERS) -> bool:
+    """Whether `words` (normalised) hold at least `letters` words of one letter other than "a" and
+    "i": the joint beam's sign that the LLM found no word for what the head hears ("the r l o d e
+    r t"), so it followed the head's characters one letter at a time."""
+    return sum(len(w) == 1 and w.isalpha() and w not in ("a", "i") for w in words) >= letters
 
 
 def repeats_a_word(words: list[str], run: int = REPEATED_WORD_RUN) -> bool:
@@ -233,7 +231,7 @@ def strays_from_head(text: str, heard: str, share: float = DISAGREEMENT_SHARE) -
     from training.stage1_encoder import _edit_distance
 
     words = normalise_words(text)
-    return (spelled_out(text) or repeats_a_word(words)
+    return (spelled_out(words) or repeats_a_word(words)
             or _edit_distance(" ".join(words), heard) > share * max(1, len(heard)))
 
 
@@ -293,14 +291,14 @@ class CtcDecoding:
         best = scored_beam_search(first_logits, past, batched_feed(models.llm), end_id, max_tokens, width,
                                   joint)
         if self.nbest:
-            heard = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, scorer.log_probs.shape[0],
-                              self._lexicon(models.tokenizer))
+            likeliest = ctc_nbest(scorer, self.nbest, CTC_NBEST_WIDTH, scorer.log_probs.shape[0],
+                                  self._lexicon(models.tokenizer))
             # A spelling whose LLM log-probability falls to its bar can no longer beat the beam's.
-            bars = [best[0] - self.weight * ctc_score for ctc_score, _ in heard]
+            bars = [best[0] - self.weight * ctc_score for ctc_score, _ in likeliest]
             spelled = spell_with_llm(first_logits, spare, batched_feed(models.llm),
-                                     end_id, [t for _, t in heard], self._spellings(models.tokenizer),
+                                     end_id, [t for _, t in likeliest], self._spellings(models.tokenizer),
                                      max_tokens, bars)
-            for (ctc_score, _), (llm_score, ids) in zip(heard, spelled):
+            for (ctc_score, _), (llm_score, ids) in zip(likeliest, spelled):
                 if llm_score + self.weight * ctc_score > best[0]:
                     best = (llm_score + self.weight * ctc_score, ids)
         text, heard = "".join(piece(token) for token in best[1]), self._heard(scorer)
