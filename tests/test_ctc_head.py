@@ -207,13 +207,70 @@ def test_a_broken_or_missing_head_is_refused(chain: dict, head_run: Path, tmp_pa
         train_ctc_head(chain["root"] / "run1", chain["data"], tmp_path / "r", CtcHeadConfig(loop=_loop(2)))
 
 
-def test_the_kept_ctc_head_reads_the_kept_encoder() -> None:
-    """training/artifacts/speech-input/ctc_head.pt was trained on the kept result's encoder:
-    `train export --init .../result.pt --ctc-head .../ctc_head.pt` needs the widths to agree."""
+KEPT_HEADS = ("ctc_head.pt", "ctc_head-speed.pt", "ctc_head-dropout.pt", "ctc_head-both.pt")
+
+
+def test_the_kept_ctc_heads_read_the_kept_encoder() -> None:
+    """training/artifacts/speech-input/ctc_head*.pt were trained on the kept result's encoder:
+    `train export --init .../result.pt --ctc-head .../ctc_head*.pt` needs the widths to agree."""
     from training.model_config import load_result
 
     kept = Path(__file__).resolve().parents[1] / "training/artifacts/speech-input"
-    head = load_ctc_head(kept / CTC_HEAD_NAME)
     encoder_conf = load_result(kept / "result.pt")["train_yaml"]["encoder_conf"]
     encoder_width = encoder_conf["overview_conf"]["encoder-output-dim"]
-    assert head.dims.model_dim == encoder_width and (kept / CTC_HEAD_NAME).stat().st_size < 7e6
+    for name in KEPT_HEADS:
+        head = load_ctc_head(kept / name)
+        assert head.dims.model_dim == encoder_width and (kept / name).stat().st_size < 7e6
+
+
+def _random_head(seed: int, model_dim: int = 8, lookahead: int = 1):
+    from training.ctc_head import CtcHead, CtcHeadDims
+
+    torch.manual_seed(seed)
+    return CtcHead(CtcHeadDims(model_dim=model_dim, hidden=12, kernel_frames=3, lookahead_frames=lookahead)).eval()
+
+
+def test_an_ensemble_is_the_renormalised_mean_of_its_heads_log_probabilities(tmp_path: Path) -> None:
+    from training.ctc_head import CtcHeadEnsemble, save_ctc_head
+
+    heads = [_random_head(0), _random_head(1, lookahead=0)]
+    frames = torch.randn(2, 11, 8)
+    together = CtcHeadEnsemble(heads).eval()
+    with torch.inference_mode():
+        apart = [h(frames) for h in heads]
+        out = together(frames)
+    assert torch.allclose(out, ((apart[0] + apart[1]) / 2).log_softmax(-1))
+    assert torch.allclose(out.exp().sum(-1), torch.ones(2, 11))  # a distribution per frame
+    assert not any(torch.allclose(out, a, atol=1e-3) for a in apart)
+
+    save_ctc_head(together, tmp_path / "both.pt", {"why": "test"})
+    loaded = load_ctc_head(tmp_path / "both.pt")
+    assert isinstance(loaded, CtcHeadEnsemble) and len(loaded.heads) == 2
+    with torch.inference_mode():
+        assert torch.allclose(loaded(frames), out, atol=2e-2)  # stored as float16
+    with pytest.raises(ValueError, match="encoder widths"):
+        CtcHeadEnsemble([_random_head(0), _random_head(1, model_dim=6)])
+    with pytest.raises(ValueError, match="at least one"):
+        CtcHeadEnsemble([])
+
+
+def test_export_writes_several_heads_as_one_ensemble(chain: dict, head_run: Path, tmp_path: Path) -> None:
+    from assistant.cli import main
+    from training.ctc_head import CtcHeadEnsemble, save_ctc_head
+
+    one = load_ctc_head(head_run / CTC_HEAD_NAME)
+    torch.manual_seed(3)
+    other = type(one)(one.dims).eval()  # another head of the same shape
+    save_ctc_head(other, tmp_path / "other.pt")
+    model = tmp_path / "model"
+    assert main(["train", "export", "--init", str(chain["root"] / "run3"), "--out", str(model),
+                 "--speech-from", str(chain["model_dir"]),
+                 "--ctc-head", str(head_run / CTC_HEAD_NAME), str(tmp_path / "other.pt")]) == 0
+    decoding = model_ctc_decoding(model)
+    assert isinstance(decoding.head, CtcHeadEnsemble) and len(decoding.head.heads) == 2
+    frames = torch.randn(1, 9, one.dims.model_dim)
+    with torch.inference_mode():
+        expected = ((one(frames) + load_ctc_head(tmp_path / "other.pt")(frames)) / 2).log_softmax(-1)
+        assert torch.allclose(decoding.head(frames), expected, atol=1e-5)
+    assert main(["transcribe", "--model-dir", str(model), "--llm-dir", str(chain["llm_dir"]),
+                 "--input", str(chain["data"] / "wav/u0.wav")]) == 0  # the ensemble decodes

@@ -204,27 +204,66 @@ def _config_record(config: CtcHeadConfig) -> dict:
     return record
 
 
-def save_ctc_head(head: CtcHead, path: Path, info: dict | None = None) -> None:
-    """Write the head as float16 (half the size; its log-probabilities move by < 1e-2)."""
-    state = {k: v.detach().to("cpu", torch.float16) for k, v in head.state_dict().items()}
-    save_atomic({"dims": asdict(head.dims), "state": state, "info": info or {}}, path)
+class CtcHeadEnsemble(nn.Module):
+    """Heads trained apart on the same encoder, read as one: the mean of their log-probabilities,
+    renormalised (a product of experts). They must share their symbols and frame rate; each may
+    look ahead its own frames. On the test split four heads' greedy WER fell from 21.7-23.9 % alone
+    to 18.9 % together (training/README.md)."""
+
+    def __init__(self, heads: list[CtcHead]) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("an ensemble needs at least one CTC head")
+        if len({(h.dims.model_dim, h.dims.symbols) for h in heads}) > 1:
+            raise ValueError("the CTC heads read different encoder widths or write different symbols")
+        self.heads = nn.ModuleList(heads)
+        self.dims = heads[0].dims
+
+    def forward(self, frames: Tensor) -> Tensor:
+        mean = torch.stack([head(frames) for head in self.heads]).mean(0)
+        return mean.log_softmax(-1)
 
 
-def load_ctc_head(path: Path, device: torch.device | None = None) -> CtcHead:
-    """A head written by `save_ctc_head`, float32, in eval mode, on `device` (CPU by default)."""
+def save_ctc_head(head: CtcHead | CtcHeadEnsemble, path: Path, info: dict | None = None) -> None:
+    """Write a head (or every head of an ensemble) as float16 (half the size; its log-probabilities
+    move by < 1e-2)."""
+    heads = list(head.heads) if isinstance(head, CtcHeadEnsemble) else [head]
+    records = [{"dims": asdict(h.dims), "state": {k: v.detach().to("cpu", torch.float16)
+                                                  for k, v in h.state_dict().items()}} for h in heads]
+    record = records[0] if len(records) == 1 else {"heads": records}
+    save_atomic(record | {"info": info or {}}, path)
+
+
+def load_ctc_head(path: Path, device: torch.device | None = None) -> CtcHead | CtcHeadEnsemble:
+    """A head (or an ensemble) written by `save_ctc_head`, float32, in eval mode, on `device` (CPU by default)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; train one with `freeze-omni train ctc-head`")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        head = CtcHead(CtcHeadDims(**saved["dims"]))
-        head.load_state_dict({k: v.float() for k, v in saved["state"].items()}, strict=True)
-    except (KeyError, TypeError, RuntimeError, EOFError) as err:
+        heads = [_head_from_record(r) for r in saved.get("heads", [saved])]
+    except (KeyError, TypeError, RuntimeError, EOFError, AttributeError) as err:
         raise ValueError(f"{path} is not a CTC head written by `train ctc-head` ({err})") from err
-    if head.dims.symbols != CharVocab.SYMBOLS:
-        raise ValueError(f"{path}: its symbols {head.dims.symbols!r} are not this package's "
-                         f"{CharVocab.SYMBOLS!r}")
+    for head in heads:
+        if head.dims.symbols != CharVocab.SYMBOLS:
+            raise ValueError(f"{path}: its symbols {head.dims.symbols!r} are not this package's "
+                             f"{CharVocab.SYMBOLS!r}")
+    head = heads[0] if len(heads) == 1 else CtcHeadEnsemble(heads)
     return head.to(device or torch.device("cpu")).eval()
+
+
+def _head_from_record(record: dict) -> CtcHead:
+    head = CtcHead(CtcHeadDims(**record["dims"]))
+    head.load_state_dict({k: v.float() for k, v in record["state"].items()}, strict=True)
+    return head
+
+
+def combine_ctc_heads(paths: list[Path], out: Path) -> Path:
+    """Write the heads of `paths` (`train ctc-head` files) as one ensemble file `out`."""
+    heads = [load_ctc_head(p) for p in paths]
+    members = [h for head in heads for h in (head.heads if isinstance(head, CtcHeadEnsemble) else [head])]
+    save_ctc_head(CtcHeadEnsemble(members), out, {"heads": [str(p) for p in paths]})
+    return out
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from quantized_models.random_model import RandomModelSpec, _write_codec, _write_
 from training.common import save_atomic
 from training.features import write_cmvn
 from training.model_config import INFO_NAME, load_result
-from training.ctc_head import CTC_HEAD_NAME, load_ctc_head
+from training.ctc_head import CTC_HEAD_NAME, combine_ctc_heads, load_ctc_head
 from training.transcribe import CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT, NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
 
 logger = logging.getLogger(__name__)
@@ -45,20 +46,22 @@ def _placeholder_speech(model_dir: Path, llm_hidden: int, seed: int) -> None:
 
 
 def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = None, seed: int = 0,
-                     ctc_head: Path | None = None) -> Path:
+                     ctc_head: Path | Sequence[Path] | None = None) -> Path:
     """Write `out` (released layout) from a stage result; returns `out`.
 
     `result_path` may also be a model directory holding only `audiollm/` (how the trained speech
     input is committed): it is copied and completed with the speech output, its CTC head too.
     `ctc_head` (a `train ctc-head` file) is copied beside the layout as `ctc_head.pt`, for
-    `transcribe` (the engine never reads it), with its weight in `TRAINING.json`.
+    `transcribe` (the engine never reads it), with its weight in `TRAINING.json`; several files
+    are written there as one ensemble (`ctc_head.CtcHeadEnsemble`).
 
     Raises:
         ValueError: the result is from stage 1 (no adapter or LLM-side modules yet).
     """
     source = Path(result_path)
-    if ctc_head is not None:
-        load_ctc_head(ctc_head)  # refuse a broken file before anything is written
+    heads = [Path(ctc_head)] if isinstance(ctc_head, (str, Path)) else list(ctc_head or [])
+    for head in heads:
+        load_ctc_head(head)  # refuse a broken file before anything is written
     for sub in ("audiollm", "decoder", "codec"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if (source / "audiollm" / "final.pt").is_file():
@@ -66,8 +69,8 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
             shutil.copytree(source / "audiollm", out / "audiollm", dirs_exist_ok=True)
         info_file = source / INFO_NAME
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if ctc_head is None and (source / CTC_HEAD_NAME).is_file():
-            ctc_head = source / CTC_HEAD_NAME
+        if not heads and (source / CTC_HEAD_NAME).is_file():
+            heads = [source / CTC_HEAD_NAME]
         cfg = yaml.safe_load((out / "audiollm" / "train.yaml").read_text())
     else:
         result = load_result(source)
@@ -79,9 +82,11 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         save_atomic(result["state"], out / "audiollm" / "final.pt")
         info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
     info.setdefault(NO_SPEECH_KEY, NO_SPEECH_END_PROBABILITY)  # chosen for this package's models
-    if ctc_head is not None:
-        if Path(ctc_head).resolve() != (out / CTC_HEAD_NAME).resolve():
-            shutil.copy(ctc_head, out / CTC_HEAD_NAME)
+    if len(heads) > 1:
+        combine_ctc_heads(heads, out / CTC_HEAD_NAME)
+    elif heads and heads[0].resolve() != (out / CTC_HEAD_NAME).resolve():
+        shutil.copy(heads[0], out / CTC_HEAD_NAME)
+    if heads:
         info.setdefault(CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT)
     info["speech_output"] = _speech_output(out, int(cfg["model_conf"]["llm_embed_dim"]), speech_from, seed)
     (out / INFO_NAME).write_text(json.dumps(info, indent=1))

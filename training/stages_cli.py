@@ -132,8 +132,9 @@ def add_export(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--speech-from", type=Path, default=None,
                    help="copy decoder/ and codec/ from this model directory (default: random placeholders)")
-    p.add_argument("--ctc-head", type=Path, default=None,
-                   help="a `train ctc-head` file (RUN/ctc_head.pt) that `transcribe` decodes with")
+    p.add_argument("--ctc-head", type=Path, nargs="+", default=None,
+                   help="a `train ctc-head` file (RUN/ctc_head.pt) that `transcribe` decodes with; "
+                        "several are written as one ensemble (the mean of their log-probabilities)")
 
 
 def add_ctc_head(steps: argparse._SubParsersAction) -> None:
