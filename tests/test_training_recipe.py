@@ -38,21 +38,27 @@ def test_the_recipe_averages_three_stage3_continuations_and_refits_the_average(t
     assert [c.count("data-seed") for c in continuations] == [0, 1, 3]
     average = calls.index(next(c for c in calls if c.startswith("train average")))
     assert all(f"{work}/stage3-cont{i}" in calls[average] for i in range(3))
-    head, ctc, export = calls[average + 1], calls[average + 2], calls[average + 3]
+    head, ctcs, export = calls[average + 1], calls[average + 2:average + 6], calls[average + 6]
     assert head.startswith("train state-head") and f"--init {work}/stage3-average" in head
     assert f"--extra-valid {work}/data" in head and f"--data {work}/data-unheard" in head
-    assert ctc.startswith(f"train ctc-head --data {work}/data --init {work}/state-head-average")
-    assert all(f"{work}/data-seed{seed}" in ctc for seed in (1, 2, 3))
-    assert export == (f"train export --init {work}/state-head-average --out {work}/model "
-                      f"--ctc-head {work}/ctc-head/ctc_head.pt")
+    for ctc in ctcs:
+        assert ctc.startswith(f"train ctc-head --data {work}/data --init {work}/state-head-average")
+        assert all(f"{work}/data-seed{seed}" in ctc for seed in (1, 2, 3))
+    assert ["--speed-perturb 0.9 1.1" in c for c in ctcs] == [False, True, False, True]
+    assert ["--dropout 0.3" in c for c in ctcs] == [False, False, True, True]
+    runs = ["ctc-head", "ctc-head-speed", "ctc-head-dropout", "ctc-head-both"]
+    assert [f"--out {work}/{run} " in c for c, run in zip(ctcs, runs)] == [True] * 4
+    assert export == (f"train export --init {work}/state-head-average --out {work}/model --ctc-head "
+                      + " ".join(f"{work}/{run}/ctc_head.pt" for run in runs))
     assert "--limit" not in calls[-1]  # eval states on every test turn
 
 
 def test_the_recipe_without_the_average_exports_the_first_refit(tmp_path: Path) -> None:
     calls = run_recipe(tmp_path, STAGE3_AVERAGE="0")
     assert not any(c.startswith("train average") for c in calls)
-    assert (f"train export --init {tmp_path}/work dir/state-head --out {tmp_path}/work dir/model "
-            f"--ctc-head {tmp_path}/work dir/ctc-head/ctc_head.pt") in calls
+    export = next(c for c in calls if c.startswith("train export"))
+    assert export.startswith(f"train export --init {tmp_path}/work dir/state-head --out {tmp_path}/work dir/model "
+                             f"--ctc-head {tmp_path}/work dir/ctc-head/ctc_head.pt ")
 
 
 def test_the_recipe_without_the_ctc_head_exports_without_it(tmp_path: Path) -> None:

@@ -92,14 +92,23 @@ if [ "${STAGE3_AVERAGE:-1}" = 1 ] && [ ${#ALL_DATA[@]} -ge 3 ]; then
         --extra-data "${ALL_DATA[0]}" --extra-valid "$WORK/data"
     HEAD="$WORK/state-head-average"
 fi
-# A character CTC head on the final encoder (frozen), trained on every data set's utterances
-# (CTC_HEAD=0 leaves it out); `transcribe` and `eval asr` add its prefix scores to the LLM's beam.
+# Four character CTC heads on the final encoder (frozen), trained on every data set's utterances
+# (CTC_HEAD=0 leaves them out): plain, on speed copies, with heavier dropout, with both. Export
+# writes them as one ensemble; `transcribe` and `eval asr` add its prefix scores to the LLM's beam.
 CTC_ARGS=()
 if [ "${CTC_HEAD:-1}" = 1 ]; then
-    [ -f "$WORK/ctc-head/ctc_head.pt" ] || freeze-omni train ctc-head --data "$WORK/data" --init "$HEAD" \
-        ${ALL_DATA[@]+--extra-data "${ALL_DATA[@]}"} --out "$WORK/ctc-head" --device "$DEVICE" \
-        --threads "$THREADS" --steps "${CTC_HEAD_STEPS:-6000}" --checkpoint-every 500 --log-every 50
-    CTC_ARGS=(--ctc-head "$WORK/ctc-head/ctc_head.pt")
+    CTC_ARGS=(--ctc-head)
+    for variant in plain speed dropout both; do
+        run="$WORK/ctc-head"; extra=()
+        [ "$variant" = plain ] || run="$WORK/ctc-head-$variant"
+        case "$variant" in speed|both) extra+=(--speed-perturb 0.9 1.1) ;; esac
+        case "$variant" in dropout|both) extra+=(--dropout 0.3) ;; esac
+        [ -f "$run/ctc_head.pt" ] || freeze-omni train ctc-head --data "$WORK/data" --init "$HEAD" \
+            ${ALL_DATA[@]+--extra-data "${ALL_DATA[@]}"} ${extra[@]+"${extra[@]}"} --out "$run" \
+            --device "$DEVICE" --threads "$THREADS" --steps "${CTC_HEAD_STEPS:-6000}" --checkpoint-every 500 \
+            --log-every 50
+        CTC_ARGS+=("$run/ctc_head.pt")
+    done
 fi
 freeze-omni train export --init "$HEAD" --out "$OUT" ${CTC_ARGS[@]+"${CTC_ARGS[@]}"}
 freeze-omni eval asr --model-dir "$OUT" --device "$DEVICE" --threads "$THREADS" --data "$WORK/data" --limit "${ASR_LIMIT:-120}" --json | tee "$WORK/eval_asr.json"
