@@ -227,7 +227,8 @@ def _random_head(seed: int, model_dim: int = 8, lookahead: int = 1):
     from training.ctc_head import CtcHead, CtcHeadDims
 
     torch.manual_seed(seed)
-    return CtcHead(CtcHeadDims(model_dim=model_dim, hidden=12, kernel_frames=3, lookahead_frames=lookahead)).eval()
+    dims = CtcHeadDims(model_dim=model_dim, hidden=12, kernel_frames=3, lookahead_frames=lookahead)
+    return CtcHead(dims).eval()
 
 
 def test_an_ensemble_is_the_renormalised_mean_of_its_heads_log_probabilities(tmp_path: Path) -> None:

@@ -57,8 +57,9 @@ def test_the_recipe_without_the_average_exports_the_first_refit(tmp_path: Path) 
     calls = run_recipe(tmp_path, STAGE3_AVERAGE="0")
     assert not any(c.startswith("train average") for c in calls)
     export = next(c for c in calls if c.startswith("train export"))
-    assert export.startswith(f"train export --init {tmp_path}/work dir/state-head --out {tmp_path}/work dir/model "
-                             f"--ctc-head {tmp_path}/work dir/ctc-head/ctc_head.pt ")
+    work = tmp_path / "work dir"
+    assert export.startswith(f"train export --init {work}/state-head --out {work}/model "
+                             f"--ctc-head {work}/ctc-head/ctc_head.pt ")
 
 
 def test_the_recipe_without_the_ctc_head_exports_without_it(tmp_path: Path) -> None:

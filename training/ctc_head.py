@@ -235,7 +235,8 @@ def save_ctc_head(head: CtcHead | CtcHeadEnsemble, path: Path, info: dict | None
 
 
 def load_ctc_head(path: Path, device: torch.device | None = None) -> CtcHead | CtcHeadEnsemble:
-    """A head (or an ensemble) written by `save_ctc_head`, float32, in eval mode, on `device` (CPU by default)."""
+    """A head (or an ensemble) written by `save_ctc_head`, float32, in eval mode, on `device`
+    (CPU by default)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; train one with `freeze-omni train ctc-head`")
