@@ -51,10 +51,13 @@ def test_the_recipe_averages_three_stage3_continuations_and_refits_the_average(t
     assert export == (f"train export --init {work}/state-head-average --out {work}/model --ctc-head "
                       + " ".join(f"{work}/{run}/ctc_head.pt" for run in runs))
     assert "--limit" not in calls[-1]  # eval states on every test turn
+    asr = next(c for c in calls if c.startswith("eval asr"))
+    assert "--limit" not in asr  # and eval asr on every test utterance
 
 
 def test_the_recipe_without_the_average_exports_the_first_refit(tmp_path: Path) -> None:
-    calls = run_recipe(tmp_path, STAGE3_AVERAGE="0")
+    calls = run_recipe(tmp_path, STAGE3_AVERAGE="0", ASR_LIMIT="120")
+    assert "--limit 120 " in next(c for c in calls if c.startswith("eval asr"))
     assert not any(c.startswith("train average") for c in calls)
     export = next(c for c in calls if c.startswith("train export"))
     work = tmp_path / "work dir"
