@@ -268,7 +268,7 @@ def combine_ctc_heads(paths: list[Path], out: Path) -> Path:
 
 
 @torch.inference_mode()
-def ctc_log_probs(encoder: nn.Module, head: CtcHead, chunks: Tensor) -> Tensor:
+def ctc_log_probs(encoder: nn.Module, head: CtcHead | CtcHeadEnsemble, chunks: Tensor) -> Tensor:
     """[T, V] CTC log-probabilities of one utterance's feature chunks [N, 19, M] (the engine's
     streaming encoder outputs, computed in one masked pass)."""
     device = next(encoder.parameters()).device
