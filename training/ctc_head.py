@@ -259,12 +259,10 @@ def _head_from_record(record: dict) -> CtcHead:
     return head
 
 
-def combine_ctc_heads(paths: list[Path], out: Path) -> Path:
-    """Write the heads of `paths` (`train ctc-head` files) as one ensemble file `out`."""
-    heads = [load_ctc_head(p) for p in paths]
-    members = [h for head in heads for h in (head.heads if isinstance(head, CtcHeadEnsemble) else [head])]
-    save_ctc_head(CtcHeadEnsemble(members), out, {"heads": [str(p) for p in paths]})
-    return out
+def ensemble_of(heads: list[CtcHead | CtcHeadEnsemble]) -> CtcHeadEnsemble:
+    """One ensemble of every head given (an ensemble's heads join one by one)."""
+    return CtcHeadEnsemble([h for head in heads
+                            for h in (head.heads if isinstance(head, CtcHeadEnsemble) else [head])])
 
 
 @torch.inference_mode()
