@@ -253,6 +253,7 @@ def test_an_ensemble_is_the_renormalised_mean_of_its_heads_log_probabilities(tmp
         CtcHeadEnsemble([_random_head(0), _random_head(1, model_dim=6)])
     with pytest.raises(ValueError, match="at least one"):
         CtcHeadEnsemble([])
+    assert len(CtcHeadEnsemble([together, heads[0]]).heads) == 3  # an ensemble joins with its heads
 
 
 def test_export_writes_several_heads_as_one_ensemble(chain: dict, head_run: Path, tmp_path: Path) -> None:

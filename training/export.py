@@ -21,7 +21,7 @@ from quantized_models.random_model import RandomModelSpec, _write_codec, _write_
 from training.common import save_atomic
 from training.features import write_cmvn
 from training.model_config import INFO_NAME, load_result
-from training.ctc_head import CTC_HEAD_NAME, ensemble_of, load_ctc_head, save_ctc_head
+from training.ctc_head import CTC_HEAD_NAME, CtcHeadEnsemble, load_ctc_head, save_ctc_head
 from training.transcribe import CTC_WEIGHT_KEY, DEFAULT_CTC_WEIGHT, NO_SPEECH_END_PROBABILITY, NO_SPEECH_KEY
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def export_model_dir(result_path: Path, out: Path, speech_from: Path | None = No
         info = {"stage": result["stage"], "summary": result["extra"].get("summary", {})}
     info.setdefault(NO_SPEECH_KEY, NO_SPEECH_END_PROBABILITY)  # chosen for this package's models
     if len(heads) > 1:
-        save_ctc_head(ensemble_of(loaded), out / CTC_HEAD_NAME, {"heads": [str(h) for h in heads]})
+        save_ctc_head(CtcHeadEnsemble(loaded), out / CTC_HEAD_NAME, {"heads": [str(h) for h in heads]})
     elif heads and heads[0].resolve() != (out / CTC_HEAD_NAME).resolve():
         shutil.copy(heads[0], out / CTC_HEAD_NAME)
     if heads:
