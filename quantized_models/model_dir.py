@@ -23,6 +23,8 @@ from quantized_models.encoder import EncoderDims, SpeechEncoder
 from quantized_models.checkpoint_file import read_checkpoint
 from quantized_models.errors import CheckpointError, ModelLoadError
 from quantized_models.frontend import load_json_cmvn
+from quantized_models.piper_unit_codec import CODEC_TYPE as UNIT_CODEC_TYPE
+from quantized_models.piper_unit_codec import PiperUnitCodec, load_piper_unit_codec
 from quantized_models.llm import AudioLlmDims, AudioLlmHeads, ChatLayout, FrozenLlm
 from quantized_models.speech_decoder import DecoderDims, SpeechDecoder, load_speech_decoder
 from quantized_models.strict_load import load_strict
@@ -54,8 +56,8 @@ class FreezeOmniModels:
     llm: FrozenLlm
     tokenizer: Any
     decoder: SpeechDecoder
-    codec: CodecDecoder | WorldCodec
-    """The released TiCodec generator, or a WORLD VQ codec (`codec_type` in codec/model.json)."""
+    codec: CodecDecoder | WorldCodec | PiperUnitCodec
+    """The released TiCodec generator, a WORLD VQ or a piper-unit codec (`codec_type` in codec/model.json)."""
     device: torch.device
     dtype: torch.dtype
     backends: Backends
@@ -178,14 +180,17 @@ def load_decoder(model_dir: Path, llm_hidden: int) -> SpeechDecoder:
     return load_speech_decoder(ckpt_path, dims)
 
 
-def load_codec_folder(codec_dir: Path) -> CodecDecoder | WorldCodec:
+def load_codec_folder(codec_dir: Path) -> CodecDecoder | WorldCodec | PiperUnitCodec:
     """The codec of `codec_dir` by its model.json `codec_type`: absent = the released TiCodec."""
     json_path = codec_dir / "model.json"
     codec_type = read_codec_json(json_path).get("codec_type")
     if codec_type == WORLD_CODEC_TYPE:
         return load_world_codec(codec_dir)
+    if codec_type == UNIT_CODEC_TYPE:
+        return load_piper_unit_codec(codec_dir)
     if codec_type is not None:
         raise ModelLoadError(f"{json_path}: unknown codec_type {codec_type!r} (known: {WORLD_CODEC_TYPE!r}, "
+                             f"{UNIT_CODEC_TYPE!r}, "
                              "or none for the released TiCodec)")
     return load_codec(codec_dir / "final.pt", CodecDims.from_model_json(json_path))
 

@@ -46,8 +46,31 @@ def run_train_codec(args: argparse.Namespace) -> int:
     return 0
 
 
-CODEC_STEP_PARSERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"codec": _add_train_codec}
-CODEC_STEP_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"codec": run_train_codec}
+def _add_train_unit_codec(steps: argparse._SubParsersAction) -> None:
+    p = steps.add_parser("unit-codec", help="fit the piper-unit codec on piper's joe voice (writes OUT/codec/)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (OUT/codec/ is the model's codec folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence choice, k-means and the encoder")
+    p.add_argument("--sentences", type=int, default=800, help="training sentences (the text bank's train split)")
+    p.add_argument("--codes", type=int, default=1024, help="codebook size")
+    p.add_argument("--encoder-steps", type=int, default=3000, help="unit-encoder training steps (batch 16)")
+
+
+def run_train_unit_codec(args: argparse.Namespace) -> int:
+    from training.codec.units import UnitFitSettings, train_unit_codec
+
+    report = train_unit_codec(args.out, UnitFitSettings(sentences=args.sentences, n_codes=args.codes,
+                                                        encoder_steps=args.encoder_steps, seed=args.seed))
+    print(f"codec written to {args.out / 'codec'}: {report['n_codes']} codes, "
+          f"{report['tokens_per_s']:.1f} tokens/s, {report['sentences']} sentences "
+          f"({report['audio_s']:.0f} s of audio) in {report['times']['total_s']:.0f} s")
+    return 0
+
+
+CODEC_STEP_PARSERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "codec": _add_train_codec, "unit-codec": _add_train_unit_codec}
+CODEC_STEP_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "codec": run_train_codec, "unit-codec": run_train_unit_codec}
 
 
 def add_codec_eval_parser(kinds: argparse._SubParsersAction) -> None:
