@@ -96,24 +96,30 @@ def default_config(n_codes: int) -> PiperUnitCodecConfig:
 
 
 def render_units(config: PiperUnitCodecConfig, texts: list[str], cache: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(audio, units) of every text, reusing `cache` when it holds exactly these texts."""
+    """(audio, units) of every text, reusing `cache` for the texts it starts with (sentences come
+    from one seeded permutation, so a larger run extends a smaller one)."""
+    audio: list[np.ndarray] = []
+    units: list[np.ndarray] = []
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as data:
-            if list(data["texts"]) == texts:
-                audio = np.split(data["audio"], np.cumsum(data["audio_lengths"])[:-1])
-                units = np.split(data["units"], np.cumsum(data["unit_lengths"])[:-1])
-                logger.info("reusing %d rendered sentences of %s", len(texts), cache)
-                return audio, units
+            cached = list(data["texts"])
+            if cached[: len(texts)] == texts[: len(cached)]:
+                audio = np.split(data["audio"], np.cumsum(data["audio_lengths"])[:-1])[: len(texts)]
+                units = [u.astype(np.float32) for u in
+                         np.split(data["units"], np.cumsum(data["unit_lengths"])[:-1])[: len(texts)]]
+                logger.info("reusing %d rendered sentences of %s", len(audio), cache)
+    if len(audio) == len(texts):
+        return audio, units
     tap = UnitTap(config)
-    audio, units = [], []
-    for text in tqdm(texts, desc="piper units", unit="sentence", mininterval=2.0):
+    for text in tqdm(texts[len(audio):], desc="piper units", unit="sentence", mininterval=2.0):
         a, u = tap.speak(text)
         audio.append(a)
         units.append(u)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, texts=np.array(texts), audio_lengths=[a.size for a in audio], audio=np.concatenate(audio),
              unit_lengths=[len(u) for u in units], units=np.concatenate(units).astype(np.float16))
-    return audio, [u.astype(np.float32) for u in units]
+    # the float16 of the cache, so that a fresh run and a rerun fit the same codebook
+    return audio, [u.astype(np.float16).astype(np.float32) for u in units]
 
 
 def train_encoder(codec: PiperUnitCodec, mels: list[torch.Tensor], ids: list[torch.Tensor],
