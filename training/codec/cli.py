@@ -51,7 +51,8 @@ def _add_train_unit_codec(steps: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output directory (OUT/codec/ is the model's codec folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sentence choice, k-means and the encoder")
-    p.add_argument("--sentences", type=int, default=800, help="training sentences (the text bank's train split)")
+    p.add_argument("--sentences", type=int, default=2400,
+                   help="training sentences (the text bank's train split; 800 overfit the encoder)")
     p.add_argument("--codes", type=int, default=1024, help="codebook size")
     p.add_argument("--encoder-steps", type=int, default=3000, help="unit-encoder training steps (batch 16)")
 

@@ -39,7 +39,7 @@ IGNORE = -100  # target of padded frames
 
 @dataclass(frozen=True)
 class UnitFitSettings:
-    sentences: int = 800
+    sentences: int = 2400
     n_codes: int = 1024
     kmeans_iters: int = 25
     encoder_steps: int = 3000
