@@ -224,7 +224,6 @@ def load_voice_graph(config: PiperUnitCodecConfig, source: str):
 def vocoder_session(config: PiperUnitCodecConfig, source: str, threads: int = 1):
     """An onnxruntime session of the voice's flow and generator: (units [1, D, T], mask [1, 1, T]) -> audio."""
     import onnx.utils
-    import onnxruntime
 
     graph = load_voice_graph(config, source)
     try:
@@ -232,12 +231,18 @@ def vocoder_session(config: PiperUnitCodecConfig, source: str, threads: int = 1)
                                                         [config.audio_tensor])
     except Exception as err:  # onnx raises plain Exceptions for unknown tensor names
         raise ModelLoadError(f"{source}: cannot cut the vocoder out of the voice graph ({err})") from err
+    return cpu_session(sub.SerializeToString(), threads)
+
+
+def cpu_session(model: bytes, threads: int):
+    """An onnxruntime CPU session of a serialised graph on `threads` threads that do not spin."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(sub.SerializeToString(), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class PiperUnitCodec(nn.Module):

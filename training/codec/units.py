@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from quantized_models.piper_unit_codec import (PiperUnitCodec, PiperUnitCodecConfig, file_sha256,
+from quantized_models.piper_unit_codec import (PiperUnitCodec, PiperUnitCodecConfig, cpu_session, file_sha256,
                                                load_voice_graph, save_piper_unit_codec, voice_files)
 from training.codec.corpus import pick_sentences
 from training.codec.fit import kmeans
@@ -53,17 +53,11 @@ class UnitTap:
 
     def __init__(self, config: PiperUnitCodecConfig, threads: int = 1) -> None:
         import onnx
-        import onnxruntime
         from piper import PiperConfig, PiperVoice
 
         graph = load_voice_graph(config, "unit tap")
         graph.graph.output.append(onnx.helper.make_tensor_value_info(PRIOR_MEAN_TENSOR, onnx.TensorProto.FLOAT, None))
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(graph.SerializeToString(), sess_options=options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = cpu_session(graph.SerializeToString(), threads)
         _, config_path = voice_files(config.voice_package)
         voice_config = json.loads(config_path.read_text(encoding="utf-8"))
         self.voice = PiperVoice(session=self.session, config=PiperConfig.from_dict(voice_config))
