@@ -280,8 +280,9 @@ class PiperUnitCodec(nn.Module):
         hop = self.dims.hop_samples
         x = np.zeros(max(1, math.ceil(voice_samples.size / hop)) * hop, dtype=np.float32)
         x[: voice_samples.size] = voice_samples / max(float(np.abs(voice_samples).max(initial=0.0)), PEAK_FLOOR)
-        with torch.no_grad():
-            return (self.log_mel(torch.from_numpy(x)) - self.mel_mean) / self.mel_scale
+        with torch.no_grad():  # on the mel buffers' device (the engine may have moved them), back on the CPU
+            mel = self.log_mel(torch.from_numpy(x).to(self.log_mel.window.device)).float().cpu()
+        return (mel - self.mel_mean) / self.mel_scale
 
     def logits(self, voice_samples: np.ndarray) -> np.ndarray:
         """pcm [S] at the voice's rate -> the encoder's code scores [ceil(S / hop), n_codes] float32."""
