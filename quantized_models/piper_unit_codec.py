@@ -41,6 +41,7 @@ from torch import nn
 from quantized_models.checkpoint_file import read_checkpoint
 from quantized_models.errors import ModelLoadError
 from quantized_models.strict_load import load_strict
+from quantized_models.world_codec import read_codec_json
 
 CODEC_TYPE = "piper_units"
 TENSOR_KEYS = ("codebook", "mel_mean", "mel_scale")
@@ -348,11 +349,8 @@ def load_piper_unit_codec(codec_dir: Path | str) -> PiperUnitCodec:
     from the installed voice on first decode)."""
     codec_dir = Path(codec_dir)
     json_path = codec_dir / "model.json"
-    try:
-        raw = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"{json_path}: cannot read the codec configuration ({err})") from err
-    if not isinstance(raw, dict) or raw.get("codec_type") != CODEC_TYPE:
+    raw = read_codec_json(json_path)
+    if raw.get("codec_type") != CODEC_TYPE:
         raise ModelLoadError(f"{json_path}: codec_type is not {CODEC_TYPE!r}")
     config = PiperUnitCodecConfig.from_json(raw, str(json_path))
     path = codec_dir / config.codebook_file
