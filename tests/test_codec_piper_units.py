@@ -149,3 +149,57 @@ def test_committed_artifact_loads() -> None:
 def test_config_round_trips(codec: PiperUnitCodec) -> None:
     again = type(codec.dims).from_json(codec.dims.to_json(), "test")
     assert dataclasses.asdict(again) == dataclasses.asdict(codec.dims)
+
+
+def test_voice_unit_targets_are_the_voice_units_of_the_trimmed_speech(codec: PiperUnitCodec,
+                                                                      monkeypatch) -> None:
+    from training.codec.units import VoiceUnitIds
+
+    hop = codec.dims.hop_samples
+    rng = np.random.default_rng(0)
+    units = rng.normal(size=(40, codec.dims.unit_dims)).astype(np.float32)
+    audio = np.zeros(40 * hop, np.float32)
+    audio[10 * hop: 30 * hop] = rng.uniform(-0.5, 0.5, 20 * hop)  # frames 10..29 speak, the rest is silence
+
+    class Tap:
+        def __init__(self, config) -> None:
+            self.hop = config.hop_samples
+
+        def speak(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+            return audio, units
+
+    monkeypatch.setattr("training.codec.units.UnitTap", Tap)
+    ids = VoiceUnitIds(load_codec_encoder_of(codec))("anything")
+    # trim_silence keeps a 20 ms margin (at most 2 frames of 256 samples) on each side
+    assert 20 <= len(ids) <= 24
+    start = 10 - (len(ids) - 20) // 2
+    np.testing.assert_array_equal(ids, codec.quantize(units[start: start + len(ids)]))
+
+
+def test_voice_unit_targets_need_the_unit_codec() -> None:
+    from training.codec.units import VoiceUnitIds
+
+    with pytest.raises(ValueError, match="--targets speech"):
+        VoiceUnitIds(object())
+
+
+def test_voice_unit_pairs_do_not_mix_with_encoded_ones(fitted: Path) -> None:
+    from training.tts.kept_pairs import codec_fingerprint
+
+    assert codec_fingerprint(fitted, "voice-units") != codec_fingerprint(fitted)
+    assert codec_fingerprint(fitted, "speech") == codec_fingerprint(fitted)
+
+
+def test_real_voice_unit_targets_speak_the_text(codec: PiperUnitCodec) -> None:
+    from training.codec.units import VoiceUnitIds
+
+    ids = VoiceUnitIds(codec)(HELD_OUT)
+    seconds = len(ids) / codec.dims.tokens_per_s
+    assert 3.0 < seconds < 7.0 and ids.min() >= 0 and ids.max() < codec.dims.n_codes
+    assert len(set(ids.tolist())) > 5  # phonemes change the unit
+
+
+def load_codec_encoder_of(codec: PiperUnitCodec):
+    from training.codec.api import CodecEncoder
+
+    return CodecEncoder(codec)

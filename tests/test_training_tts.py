@@ -202,6 +202,15 @@ def test_say_writes_a_wav_through_the_engine(chain: dict, tmp_path: Path, capsys
     assert printed.count("codec ids") == 2  # two sentences, two segments
 
 
+def test_say_caps_a_segment_at_ten_seconds_of_any_codec() -> None:
+    from types import SimpleNamespace
+
+    from training.tts.cli import default_segment_cap
+
+    assert default_segment_cap(SimpleNamespace(sampling_rate=24_000, samples_per_token=480)) == 500  # WORLD
+    assert default_segment_cap(SimpleNamespace(sampling_rate=24_000, samples_per_token=280)) == 858  # units
+
+
 def test_say_refuses_an_empty_text(chain: dict, tmp_path: Path, capsys) -> None:
     from assistant.cli import main
 
@@ -230,7 +239,7 @@ def test_eval_tts_reports_every_setting(chain: dict) -> None:
 
 
 def test_pairs_are_spoken_once_and_resumed(tmp_path: Path) -> None:
-    from training.tts.pairs import build_pairs, read_pairs
+    from training.tts.pairs import build_pairs, read_pairs, spoken_then_encoded
 
     spoken: list[str] = []
 
@@ -241,10 +250,11 @@ def test_pairs_are_spoken_once_and_resumed(tmp_path: Path) -> None:
     texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement"),
              ('"', "answer")]  # a lone quote left by the sentence split: nothing to say
     path = tmp_path / "pairs.jsonl"
-    build_pairs(path, texts[:2], "train", speak, FakeCodec().encode_wav, max_tokens=100)
+    build_pairs(path, texts[:2], "train", spoken_then_encoded(speak, FakeCodec().encode_wav), max_tokens=100)
     with path.open("a") as f:
         f.write('{"text": "torn')  # a kill in the middle of a line
-    pairs = build_pairs(path, texts, "train", speak, FakeCodec().encode_wav, max_tokens=8)
+    encoded = spoken_then_encoded(speak, FakeCodec().encode_wav)
+    pairs = build_pairs(path, texts, "train", encoded, max_tokens=8)
     assert spoken == ["Hello there.", "I like tea.", "Go."]
     assert [p.text for p in pairs] == ["I like tea.", "Go."]  # "Hello there." has 10 ids > 8
     assert len(read_pairs(path)) == 3
@@ -311,11 +321,12 @@ def _kept_pairs_archive(tmp_path: Path, codec_dir: Path) -> tuple[Path, list]:
     import subprocess
     import sys
 
-    from training.tts.pairs import build_pairs
+    from training.tts.pairs import build_pairs, spoken_then_encoded
 
     texts = [("Hello there.", "statement"), ("I like tea.", "statement")]
     run = tmp_path / "run1"
-    made = build_pairs(run / "pairs.jsonl", texts, "train", fake_speak, FakeCodec().encode_wav,
+    made = build_pairs(run / "pairs.jsonl", texts, "train",
+                       spoken_then_encoded(fake_speak, FakeCodec().encode_wav),
                        max_tokens=100)
     archive = tmp_path / "pairs.jsonl.gz"
     subprocess.run([sys.executable, "tools/keep-pairs.py", str(run), str(codec_dir), str(archive)],
@@ -325,7 +336,7 @@ def _kept_pairs_archive(tmp_path: Path, codec_dir: Path) -> tuple[Path, list]:
 
 def test_kept_pairs_start_a_run_that_speaks_only_new_texts(tmp_path: Path, tiny_dir: Path) -> None:
     from training.tts.kept_pairs import codec_fingerprint, seed_pairs
-    from training.tts.pairs import build_pairs
+    from training.tts.pairs import build_pairs, spoken_then_encoded
 
     archive, made = _kept_pairs_archive(tmp_path, tiny_dir / "checkpoints/codec")
     fresh = tmp_path / "run2" / "pairs.jsonl"
@@ -337,7 +348,8 @@ def test_kept_pairs_start_a_run_that_speaks_only_new_texts(tmp_path: Path, tiny_
         return fake_speak(text)
 
     texts = [("Hello there.", "statement"), ("I like tea.", "statement"), ("Go.", "statement")]
-    pairs = build_pairs(fresh, texts, "train", speak, FakeCodec().encode_wav, max_tokens=100)
+    pairs = build_pairs(fresh, texts, "train", spoken_then_encoded(speak, FakeCodec().encode_wav),
+                        max_tokens=100)
     assert spoken == ["Go."]
     assert pairs[:2] == made
 

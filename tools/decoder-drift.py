@@ -45,11 +45,13 @@ def main() -> None:
     parser.add_argument("--codec-dir", type=Path, default=Path("training/artifacts/codec"))
     parser.add_argument("--pairs", type=Path, default=Path("training/artifacts/speech-output/pairs.jsonl.gz"))
     parser.add_argument("--limit", type=int, default=40, help="held-out pairs (the archive has 40)")
+    parser.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+                        help="the archive's --targets (default speech)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     codec = load_codec_encoder(args.codec_dir)
-    pairs = [p for p in read_kept_pairs(args.pairs, codec_fingerprint(args.codec_dir)) if p.split == "valid"]
+    pairs = [p for p in read_kept_pairs(args.pairs, codec_fingerprint(args.codec_dir, args.targets)) if p.split == "valid"]
     causal_lm, tokenizer = load_frozen_llm(prepare_smollm2())
     embed = causal_lm.get_input_embeddings()
     decoder = decoder_from_result(load_decoder_result(args.decoder)).float().eval()

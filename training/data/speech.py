@@ -53,15 +53,21 @@ def to_16k(samples: np.ndarray, rate_hz: int) -> np.ndarray:
     return resample_poly(samples, SAMPLE_RATE_HZ // g, rate_hz // g).astype(np.float32)
 
 
-def trim_silence(samples: np.ndarray) -> np.ndarray:
-    """Cut the silence the engines leave before and after the speech (the planner adds its own)."""
+def speech_bounds(samples: np.ndarray) -> tuple[int, int]:
+    """[start, end) of `samples` that `trim_silence` keeps (0, 0 when all is silence)."""
     if samples.size == 0:
-        return samples
+        return 0, 0
     loud = np.flatnonzero(np.abs(samples) > SILENCE_RATIO * np.abs(samples).max())
     if loud.size == 0:
-        return samples[:0]
+        return 0, 0
     margin = int(TRIM_MARGIN_S * SAMPLE_RATE_HZ)
-    return samples[max(0, loud[0] - margin):loud[-1] + 1 + margin]
+    return max(0, int(loud[0]) - margin), min(samples.size, int(loud[-1]) + 1 + margin)
+
+
+def trim_silence(samples: np.ndarray) -> np.ndarray:
+    """Cut the silence the engines leave before and after the speech (the planner adds its own)."""
+    start, end = speech_bounds(samples)
+    return samples[start:end]
 
 
 def espeak(text: str, delivery: Delivery) -> np.ndarray:

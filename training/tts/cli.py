@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from training.stages_cli import add_compute_args, loop_config
 
 DEFAULT_SAY_TOP_K = 2  # the released server.json decoder_top_k
+DEFAULT_SEGMENT_CAP_S = 10.0  # a sentence longer than this is a decoder that failed to stop
 
 
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
@@ -38,6 +40,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--pairs-from", type=Path, default=None,
                    help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
                         "refused unless they were encoded by --codec-dir's codec")
+    p.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+                   help="codec ids of each text: the codec's encoding of piper's audio (speech), or, with "
+                        "the piper-unit codec, the units the voice itself speaks from (voice-units, exact)")
     p.add_argument("--own-input-rate", type=float, default=0.0,
                    help="share (0..1) of the input codec ids replaced by the decoder's own greedy "
                         "predictions (scheduled sampling: the engine feeds back its own ids; "
@@ -108,7 +113,7 @@ def _seed_kept_pairs(args: argparse.Namespace, pairs_name: str) -> None:
     if args.pairs_from is not None:
         from training.tts.kept_pairs import codec_fingerprint, seed_pairs
 
-        seed_pairs(args.out / pairs_name, args.pairs_from, codec_fingerprint(args.codec_dir))
+        seed_pairs(args.out / pairs_name, args.pairs_from, codec_fingerprint(args.codec_dir, args.targets))
 
 
 def run_tts_decoder(args: argparse.Namespace) -> int:
@@ -126,7 +131,7 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
                               neighbour_smoothing=args.neighbour_smoothing,
                               neighbour_temperature_nn=args.neighbour_temperature,
                               guided_heads=args.guided_heads, guided_width=args.guided_width,
-                              guided_weight=args.guided_weight)
+                              guided_weight=args.guided_weight, targets=args.targets)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -140,7 +145,7 @@ def run_tts_prefix(args: argparse.Namespace) -> int:
                              max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache,
                              own_input_rate=args.own_input_rate,
-                             own_input_passes=args.own_input_passes)
+                             own_input_passes=args.own_input_passes, targets=args.targets)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
 
@@ -161,7 +166,9 @@ TTS_HANDLERS = {"tts-decoder": run_tts_decoder, "tts-prefix": run_tts_prefix, "t
 def _add_speech_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="model directory (released layout)")
     p.add_argument("--llm-dir", type=Path, default=None, help="frozen LLM (default: the converted SmolLM2)")
-    p.add_argument("--max-speech-tokens", type=int, default=500, help="codec ids per text segment at most")
+    p.add_argument("--max-speech-tokens", type=int, default=None,
+                   help=f"codec ids per text segment at most (default: {DEFAULT_SEGMENT_CAP_S:g} s of speech "
+                        "at the model's codec rate: 500 WORLD ids, 858 piper-unit ids)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_compute_args(p, bf16=False)
@@ -189,6 +196,11 @@ def add_tts_eval_parser(kinds: argparse._SubParsersAction) -> None:
     _add_speech_model_args(p)
 
 
+def default_segment_cap(codec_dims) -> int:
+    """Codec ids in DEFAULT_SEGMENT_CAP_S of speech at a codec's rate (its `dims`)."""
+    return math.ceil(DEFAULT_SEGMENT_CAP_S * codec_dims.sampling_rate / codec_dims.samples_per_token)
+
+
 def _engine(args: argparse.Namespace, top_k: int):
     import torch
 
@@ -206,8 +218,8 @@ def _engine(args: argparse.Namespace, top_k: int):
     set_torch_threads(args.threads)
     models = load_models(args.model_dir, llm_dir, training_device(args.device), getattr(torch, args.dtype))
     rule = SegmentationRule(getattr(args, "segmentation", "sentence"))
-    return Engine(models, EngineOptions(speech_top_k=top_k, max_speech_tokens=args.max_speech_tokens,
-                                        segmentation=rule))
+    cap = default_segment_cap(models.codec.dims) if args.max_speech_tokens is None else args.max_speech_tokens
+    return Engine(models, EngineOptions(speech_top_k=top_k, max_speech_tokens=cap, segmentation=rule))
 
 
 def run_say(args: argparse.Namespace) -> int:

@@ -22,9 +22,13 @@ KEPT_PAIRS_FORMAT = "freeze-omni speech pairs 1"
 CODEC_FILES = ("model.json", "final.pt")
 
 
-def codec_fingerprint(codec_dir: Path) -> str:
-    """sha256 over the codec folder's files (those that decide which id means which sound)."""
+def codec_fingerprint(codec_dir: Path, targets: str = "speech") -> str:
+    """sha256 over the codec folder's files (those that decide which id means which sound), and
+    over `targets` unless it is the default "speech" (ids read from the voice differ from ids
+    encoded from its audio, so their archives must not mix)."""
     digest = hashlib.sha256()
+    if targets != "speech":
+        digest.update(f"targets={targets}".encode())
     for name in CODEC_FILES:
         path = Path(codec_dir) / name
         if not path.is_file():

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -28,6 +28,9 @@ Speak = Callable[[str], tuple[np.ndarray, int]]
 """text -> (float32 samples [S] in ±1, sample rate in Hz)."""
 Encode = Callable[[np.ndarray, int], np.ndarray]
 """(samples, rate) -> int64 codec ids [T] (the codec contract's `encode_wav`)."""
+TokensOf = Callable[[str], Sequence[int]]
+"""text -> the codec ids the decoder must write for it (`spoken_then_encoded`, or ids the voice
+itself gives: `training.codec.units.VoiceUnitIds`)."""
 _SENTENCE = re.compile(r"[^.?!]+[.?!]+|[^.?!]+$")
 
 
@@ -123,9 +126,35 @@ def open_to_append(path: Path) -> TextIO:
     return f
 
 
-def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak: Speak, encode: Encode,
+def spoken_then_encoded(speak: Speak, encode: Encode) -> TokensOf:
+    """The codec ids of the text as spoken by `speak` and encoded from that audio by `encode`."""
+    return lambda text: encode(*speak(text))
+
+
+TARGETS = ("speech", "voice-units")
+"""Where a pair's codec ids come from: the codec's encoder on piper's audio, or (piper-unit codec
+only) the voice's own units, read from its graph while it speaks (exact, and what decodes best)."""
+
+
+def check_targets(targets: str) -> None:
+    """ValueError unless `targets` is one of TARGETS."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}, not {targets!r}")
+
+
+def tokens_of_targets(targets: str, codec: Any, speak: Speak) -> TokensOf:
+    """The codec ids of a text for `targets` (`codec`: a `training.codec.CodecEncoder`)."""
+    check_targets(targets)
+    if targets == "speech":
+        return spoken_then_encoded(speak, codec.encode_wav)
+    from training.codec.units import VoiceUnitIds
+
+    return VoiceUnitIds(codec)
+
+
+def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, tokens_of: TokensOf,
                 max_tokens: int) -> list[SpeechPair]:
-    """Speak and encode every text not yet in `path`; returns all pairs of `texts` in order.
+    """Make the codec ids of every text not yet in `path`; returns all pairs of `texts` in order.
 
     Texts whose speech exceeds `max_tokens` codec ids are left out (the engine caps a segment).
     """
@@ -136,8 +165,7 @@ def build_pairs(path: Path, texts: Iterable[tuple[str, str]], split: str, speak:
         for text, source in wanted:
             if (text, split) in done or not speakable(text):
                 continue
-            samples, rate = speak(text)
-            tokens = [int(t) for t in encode(samples, rate)]
+            tokens = [int(t) for t in tokens_of(text)]
             pair = SpeechPair(text, split, source, tokens)
             f.write(pair_line(pair))
             f.flush()

@@ -44,8 +44,10 @@ from training.tts.pairs import (
     SpeechPair,
     bank_texts,
     build_pairs,
+    check_targets,
     load_bank,
     spread_texts,
+    tokens_of_targets,
     train_texts,
 )
 
@@ -103,8 +105,11 @@ class TtsDecoderConfig:
     init: Path | None = None
     """A tts-decoder result (run directory, result.pt or a kept float16 artifact) to continue
     training from; its layout replaces `geometry`. None: a fresh decoder."""
+    targets: str = "speech"
+    """Where the pairs' codec ids come from (`training.tts.pairs.TARGETS`)."""
 
     def __post_init__(self) -> None:
+        check_targets(self.targets)
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
         check_neighbour_smoothing(self.neighbour_smoothing, self.neighbour_temperature_nn)
         if self.guided_heads < 0 or self.guided_width <= 0 or self.guided_weight < 0:
@@ -138,8 +143,9 @@ def make_pairs(data: Path, codec: CodecEncoderLike, run_dir: Path, config: TtsDe
     limits = {"train": config.train_limit, "valid": config.valid_limit}
     texts = {"train": train_texts(bank, [load_bank(extra) for extra in config.extra_data]),
              "valid": bank_texts(bank, "valid")}
+    tokens_of = tokens_of_targets(config.targets, codec, speak)
     return {split: build_pairs(run_dir / PAIRS_NAME, spread_texts(texts[split], limits[split]),
-                               split, speak, codec.encode_wav, config.max_codec_tokens)
+                               split, tokens_of, config.max_codec_tokens)
             for split in ("train", "valid") if limits[split] != 0}
 
 

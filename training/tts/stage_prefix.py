@@ -26,7 +26,8 @@ from training.tts.decoder_model import (
     load_decoder_result,
     save_decoder_result,
 )
-from training.tts.pairs import PiperNative, Speak, build_pairs, load_bank, spread_texts
+from training.tts.pairs import (PiperNative, Speak, TokensOf, build_pairs, check_targets, load_bank,
+                                spread_texts, tokens_of_targets)
 from training.tts.stage_decoder import (
     CodecEncoderLike,
     check_own_input_rate,
@@ -64,9 +65,12 @@ class TtsPrefixConfig:
     """As `TtsDecoderConfig.own_input_rate`: the prefix layers learn on the decoder's own ids too."""
     own_input_passes: int = 1
     """As `TtsDecoderConfig.own_input_passes`."""
+    targets: str = "speech"
+    """As `TtsDecoderConfig.targets` (use the tts-decoder run's)."""
 
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
+        check_targets(self.targets)
 
 
 def answer_segments(causal_lm, tokenizer, questions: list[str], answers: dict[str, str], role: str
@@ -101,11 +105,10 @@ def _split_segments(run_dir: Path, causal_lm, tokenizer, data: Path, config: Tts
     return out
 
 
-def _examples(run_dir: Path, segments: list[dict], split: str, tokenizer, speak: Speak,
-              codec: CodecEncoderLike, max_tokens: int) -> list[DecoderExample]:
+def _examples(run_dir: Path, segments: list[dict], split: str, tokenizer, tokens_of: TokensOf,
+              max_tokens: int) -> list[DecoderExample]:
     texts = [(s["text"].strip(), "answer_segment") for s in segments]
-    pairs = {p.text: p for p in build_pairs(run_dir / PAIRS_NAME, texts, split, speak, codec.encode_wav,
-                                            max_tokens)}
+    pairs = {p.text: p for p in build_pairs(run_dir / PAIRS_NAME, texts, split, tokens_of, max_tokens)}
     return [DecoderExample(text_ids(tokenizer, s["text"]), pairs[s["text"].strip()].tokens, s["hidden"])
             for s in segments if s["text"].strip() in pairs]
 
@@ -124,7 +127,8 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
     embed = causal_lm.get_input_embeddings()
     segments = _split_segments(run_dir, causal_lm, tokenizer, data, config)
     speak = speak or PiperNative(cache_dir=config.speech_cache or run_dir / "speech")
-    train, valid = (_examples(run_dir, segments[s], s, tokenizer, speak, codec, config.max_codec_tokens)
+    tokens_of = tokens_of_targets(config.targets, codec, speak)
+    train, valid = (_examples(run_dir, segments[s], s, tokenizer, tokens_of, config.max_codec_tokens)
                     for s in ("train", "valid"))
     if not train:
         raise ValueError(f"no answered train questions in {data}: tts-prefix needs the LLM's answers")
