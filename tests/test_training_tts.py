@@ -392,6 +392,17 @@ def test_extra_banks_add_train_texts_but_never_held_out_ones(tmp_path: Path) -> 
     assert [p.text for p in pairs["train"]] == [t for t, _ in merged]
 
 
+def test_voice_unit_targets_are_refused_for_a_codec_without_units(tmp_path: Path) -> None:
+    from training.tts.stage_decoder import make_pairs
+
+    with pytest.raises(ValueError, match="targets must be one of"):
+        replace(_decoder_config(), targets="phonemes")
+    config = replace(_decoder_config(), targets="voice-units")
+    with pytest.raises(ValueError, match="needs a piper-unit codec"):
+        make_pairs(_bank(tmp_path / "main"), FakeCodec(), tmp_path / "run", config, fake_speak)
+    assert not (tmp_path / "run" / "pairs.jsonl").exists()
+
+
 def _two_sequence_batch() -> DecoderBatch:
     torch.manual_seed(1)
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
