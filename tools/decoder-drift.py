@@ -28,6 +28,7 @@ from training.llm_sequence import load_frozen_llm
 from training.tts.decoder_forward import teacher_forced_logits
 from training.tts.decoder_model import DecoderExample, decoder_from_result, load_decoder_result, make_batch
 from training.tts.kept_pairs import codec_fingerprint, read_kept_pairs
+from training.tts.pairs import TARGETS
 from training.tts.stage_decoder import examples_of
 
 
@@ -45,13 +46,14 @@ def main() -> None:
     parser.add_argument("--codec-dir", type=Path, default=Path("training/artifacts/codec"))
     parser.add_argument("--pairs", type=Path, default=Path("training/artifacts/speech-output/pairs.jsonl.gz"))
     parser.add_argument("--limit", type=int, default=40, help="held-out pairs (the archive has 40)")
-    parser.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+    parser.add_argument("--targets", choices=TARGETS, default="speech",
                         help="the archive's --targets (default speech)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     codec = load_codec_encoder(args.codec_dir)
-    pairs = [p for p in read_kept_pairs(args.pairs, codec_fingerprint(args.codec_dir, args.targets)) if p.split == "valid"]
+    kept = read_kept_pairs(args.pairs, codec_fingerprint(args.codec_dir, args.targets))
+    pairs = [p for p in kept if p.split == "valid"]
     causal_lm, tokenizer = load_frozen_llm(prepare_smollm2())
     embed = causal_lm.get_input_embeddings()
     decoder = decoder_from_result(load_decoder_result(args.decoder)).float().eval()

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from training.tts.kept_pairs import codec_fingerprint, keep_pairs
+from training.tts.pairs import TARGETS
 from training.tts.stage_decoder import PAIRS_NAME
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     parser.add_argument("source", type=Path, help="tts-decoder run directory or its pairs.jsonl")
     parser.add_argument("codec_dir", type=Path, help="the codec that encoded the pairs")
     parser.add_argument("out", type=Path, help="archive to write (.jsonl.gz)")
-    parser.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+    parser.add_argument("--targets", choices=TARGETS, default="speech",
                         help="the run's --targets (default speech)")
     args = parser.parse_args()
     source = args.source / PAIRS_NAME if args.source.is_dir() else args.source

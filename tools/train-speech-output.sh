@@ -62,4 +62,4 @@ freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --ou
 freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
     --output "$WORK/say.wav"
 freeze-omni eval tts --model-dir "$OUT" --data "$BANK" --limit "${EVAL_ANSWERS:-10}" \
-    --speech-cache "$WORK/speech" --max-speech-tokens "${EVAL_MAX_SPEECH_TOKENS:-500}" --json | tee "$WORK/eval_tts.json"
+    --speech-cache "$WORK/speech" ${EVAL_MAX_SPEECH_TOKENS:+--max-speech-tokens "$EVAL_MAX_SPEECH_TOKENS"} --json | tee "$WORK/eval_tts.json"
