@@ -403,6 +403,15 @@ def test_voice_unit_targets_are_refused_for_a_codec_without_units(tmp_path: Path
     assert not (tmp_path / "run" / "pairs.jsonl").exists()
 
 
+def test_prefix_learns_the_ids_its_decoder_learned(chain: dict, tmp_path: Path) -> None:
+    from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
+
+    config = TtsPrefixConfig(loop=_loop(2, 1e-3), targets="voice-units")
+    with pytest.raises(ValueError, match="give tts-prefix --targets speech"):
+        train_tts_prefix(chain["root"] / "dec", chain["data"], FakeCodec(), chain["llm_dir"],
+                         tmp_path / "pre", config)
+
+
 def _two_sequence_batch() -> DecoderBatch:
     torch.manual_seed(1)
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731

@@ -66,7 +66,7 @@ class TtsPrefixConfig:
     own_input_passes: int = 1
     """As `TtsDecoderConfig.own_input_passes`."""
     targets: str = "speech"
-    """As `TtsDecoderConfig.targets` (use the tts-decoder run's)."""
+    """As `TtsDecoderConfig.targets`; must be the tts-decoder run's (checked)."""
 
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
@@ -118,6 +118,10 @@ def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: P
     """Train `layers_prefix` of a tts-decoder result; writes `run_dir/result.pt`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = load_decoder_result(init)
+    trained_on = previous.get("extra", {}).get("config", {}).get("targets", "speech")
+    if trained_on != config.targets:
+        raise ValueError(f"{init} was trained on --targets {trained_on} ids, and its prefix must learn the same "
+                         f"ids: give tts-prefix --targets {trained_on}, not {config.targets}")
     decoder = decoder_from_result(previous)
     if decoder.dims.odim != codec.n_codes:
         raise ValueError(f"{init} predicts {decoder.dims.odim} codec ids but the codec has {codec.n_codes}")
