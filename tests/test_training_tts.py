@@ -406,6 +406,10 @@ def test_voice_unit_targets_are_refused_for_a_codec_without_units(tmp_path: Path
 def test_prefix_learns_the_ids_its_decoder_learned(chain: dict, tmp_path: Path) -> None:
     from training.tts.stage_prefix import TtsPrefixConfig, train_tts_prefix
 
+    from training.tts.decoder_model import load_decoder_result
+    from training.tts.stage_prefix import trained_targets
+
+    assert trained_targets(load_decoder_result(chain["root"] / "dec")) == "speech"
     config = TtsPrefixConfig(loop=_loop(2, 1e-3), targets="voice-units")
     with pytest.raises(ValueError, match="give tts-prefix --targets speech"):
         train_tts_prefix(chain["root"] / "dec", chain["data"], FakeCodec(), chain["llm_dir"],

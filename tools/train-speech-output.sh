@@ -27,8 +27,9 @@ EXTRA_BANKS=${EXTRA_BANKS-training/data/banks/full-seed1.texts.json}
 # 0 with DECODER_INIT (the kept decoder learned without it, and adding it to its continuation measured
 # worse; training/README.md, "Guided attention").
 GUIDED_HEADS=${GUIDED_HEADS-$([ -n "${DECODER_INIT:-}" ] && echo 0 || echo 2)}
-# TARGETS: where the pairs' codec ids come from (--targets of the tts stages): speech (the codec's
-# encoding of piper's audio) or voice-units (piper-unit codec only: the voice's own units).
+# TARGETS: where the pairs' codec ids come from (--targets of tts-decoder; tts-prefix follows its
+# decoder): speech (the codec's encoding of piper's audio) or voice-units (piper-unit codec only:
+# the voice's own units).
 TARGETS=${TARGETS:-speech}
 PAIR_ARGS+=(--targets "$TARGETS")
 mkdir -p "$WORK"
@@ -56,8 +57,7 @@ done
 [ -f "$WORK/tts-prefix/result.pt" ] || freeze-omni train tts-prefix --data "$BANK" --codec-dir "$CODEC" \
     --init "$DECODER" --out "$WORK/tts-prefix" --speech-cache "$WORK/speech" --own-input-rate "$RATE" \
     --train-limit "${PREFIX_QUESTIONS:-120}" --steps "${PREFIX_STEPS:-300}" --batch 8 --lr 1e-3 --warmup-steps 20 \
-    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}" \
-    --targets "$TARGETS"
+    --checkpoint-every 25 --max-codec-tokens "${MAX_CODEC_TOKENS:-400}" --device "${DEVICE:-cpu}" --threads "${THREADS:-1}"
 freeze-omni train tts-export --init "$WORK/tts-prefix" --codec-dir "$CODEC" --out "$OUT"
 freeze-omni say --model-dir "$OUT" --text "Hello, I am your assistant. How can I help you today?" \
     --output "$WORK/say.wav"

@@ -40,9 +40,6 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     p.add_argument("--pairs-from", type=Path, default=None,
                    help="kept pairs (tools/keep-pairs.py) to start with: only texts they lack are spoken; "
                         "refused unless they were encoded by --codec-dir's codec")
-    p.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
-                   help="codec ids of each text: the codec's encoding of piper's audio (speech), or, with "
-                        "the piper-unit codec, the units the voice itself speaks from (voice-units, exact)")
     p.add_argument("--own-input-rate", type=float, default=0.0,
                    help="share (0..1) of the input codec ids replaced by the decoder's own greedy "
                         "predictions (scheduled sampling: the engine feeds back its own ids; "
@@ -56,6 +53,10 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
 def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
     p = steps.add_parser("tts-decoder", help="train the speech decoder + pre-network on text -> codec ids")
     _add_loop_args(p, steps=3000, lr=1e-3, batch=16)
+    p.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+                   help="codec ids of each text: the codec's encoding of piper's audio (speech), or, with "
+                        "the piper-unit codec, the units the voice itself speaks from (voice-units, exact); "
+                        "tts-prefix then uses the same")
     p.add_argument("--rows-per-vector", type=int, default=4,
                    help="decoder rows per LLM vector (576 = 4 x 144)")
     p.add_argument("--heads", type=int, default=4)
@@ -108,12 +109,12 @@ def _setup(args: argparse.Namespace):
     return load_codec_encoder(args.codec_dir), llm_dir
 
 
-def _seed_kept_pairs(args: argparse.Namespace, pairs_name: str) -> None:
-    """Start the run's pairs file `pairs_name` with `--pairs-from`'s pairs, if given."""
+def _seed_kept_pairs(args: argparse.Namespace, pairs_name: str, targets: str) -> None:
+    """Start the run's pairs file `pairs_name` with `--pairs-from`'s pairs (of `targets`), if given."""
     if args.pairs_from is not None:
         from training.tts.kept_pairs import codec_fingerprint, seed_pairs
 
-        seed_pairs(args.out / pairs_name, args.pairs_from, codec_fingerprint(args.codec_dir, args.targets))
+        seed_pairs(args.out / pairs_name, args.pairs_from, codec_fingerprint(args.codec_dir, targets))
 
 
 def run_tts_decoder(args: argparse.Namespace) -> int:
@@ -121,7 +122,7 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
     from training.tts.stage_decoder import PAIRS_NAME, TtsDecoderConfig, train_tts_decoder
 
     codec, llm_dir = _setup(args)
-    _seed_kept_pairs(args, PAIRS_NAME)
+    _seed_kept_pairs(args, PAIRS_NAME, args.targets)
     geometry = DecoderGeometry(args.rows_per_vector, args.heads, args.ffn, args.blocks)
     config = TtsDecoderConfig(geometry=geometry, loop=loop_config(args), batch_pairs=args.batch,
                               max_codec_tokens=args.max_codec_tokens,
@@ -137,15 +138,17 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
 
 
 def run_tts_prefix(args: argparse.Namespace) -> int:
-    from training.tts.stage_prefix import PAIRS_NAME, TtsPrefixConfig, train_tts_prefix
+    from training.tts.decoder_model import load_decoder_result
+    from training.tts.stage_prefix import PAIRS_NAME, TtsPrefixConfig, train_tts_prefix, trained_targets
 
     codec, llm_dir = _setup(args)
-    _seed_kept_pairs(args, PAIRS_NAME)
+    targets = trained_targets(load_decoder_result(args.init))  # the prefix learns the ids its decoder learned
+    _seed_kept_pairs(args, PAIRS_NAME, targets)
     config = TtsPrefixConfig(loop=loop_config(args), batch_pairs=args.batch,
                              max_codec_tokens=args.max_codec_tokens,
                              train_limit=args.train_limit, speech_cache=args.speech_cache,
                              own_input_rate=args.own_input_rate,
-                             own_input_passes=args.own_input_passes, targets=args.targets)
+                             own_input_passes=args.own_input_passes, targets=targets)
     print(json.dumps(train_tts_prefix(args.init, args.data, codec, llm_dir, args.out, config)))
     return 0
 

@@ -66,7 +66,7 @@ class TtsPrefixConfig:
     own_input_passes: int = 1
     """As `TtsDecoderConfig.own_input_passes`."""
     targets: str = "speech"
-    """As `TtsDecoderConfig.targets`; must be the tts-decoder run's (checked)."""
+    """As `TtsDecoderConfig.targets`; must be the tts-decoder run's (`trained_targets`; checked)."""
 
     def __post_init__(self) -> None:
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
@@ -113,12 +113,17 @@ def _examples(run_dir: Path, segments: list[dict], split: str, tokenizer, tokens
             for s in segments if s["text"].strip() in pairs]
 
 
+def trained_targets(result: dict) -> str:
+    """The `targets` a tts-decoder (or tts-prefix) result was trained on ("speech" before they existed)."""
+    return result.get("extra", {}).get("config", {}).get("targets", "speech")
+
+
 def train_tts_prefix(init: Path, data: Path, codec: CodecEncoderLike, llm_dir: Path, run_dir: Path,
                      config: TtsPrefixConfig, speak: Speak | None = None) -> dict:
     """Train `layers_prefix` of a tts-decoder result; writes `run_dir/result.pt`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = load_decoder_result(init)
-    trained_on = previous.get("extra", {}).get("config", {}).get("targets", "speech")
+    trained_on = trained_targets(previous)
     if trained_on != config.targets:
         raise ValueError(f"{init} was trained on --targets {trained_on} ids, and its prefix must learn the same "
                          f"ids: give tts-prefix --targets {trained_on}, not {config.targets}")
