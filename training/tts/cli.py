@@ -80,6 +80,12 @@ def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
                    help="width of that diagonal, as a fraction of text and speech length (default 0.2)")
     p.add_argument("--guided-weight", type=float, default=1.0,
                    help="weight of the guided-attention cost beside the cross-entropy (default 1)")
+    p.add_argument("--transition-weight", type=float, default=1.0,
+                   help="loss weight of the targets that change the codec id, against 1 for those that "
+                        "repeat it (unit codecs hold an id for a whole phoneme; default 1: plain mean)")
+    p.add_argument("--input-noise-rate", type=float, default=0.0,
+                   help="share (0..1) of the AR input ids replaced by random codec ids, so the decoder "
+                        "cannot just copy the previous id (default 0: none)")
 
 
 def add_tts_prefix(steps: argparse._SubParsersAction) -> None:
@@ -132,7 +138,9 @@ def run_tts_decoder(args: argparse.Namespace) -> int:
                               neighbour_smoothing=args.neighbour_smoothing,
                               neighbour_temperature_nn=args.neighbour_temperature,
                               guided_heads=args.guided_heads, guided_width=args.guided_width,
-                              guided_weight=args.guided_weight, targets=args.targets)
+                              guided_weight=args.guided_weight, targets=args.targets,
+                              transition_weight=args.transition_weight,
+                              input_noise_rate=args.input_noise_rate)
     print(json.dumps(train_tts_decoder(args.data, codec, llm_dir, args.out, config)))
     return 0
 

@@ -266,17 +266,23 @@ def own_prediction_inputs(decoder: SpeechDecoder, batch: DecoderBatch, rate: flo
     return inputs
 
 
-def token_loss(out: DecoderTargets, soft_targets: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def token_loss(out: DecoderTargets, soft_targets: Tensor | None = None,
+               weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Mean cross-entropy per target (nats) and the next-token accuracy.
 
     `soft_targets` [V, V] (`neighbour_targets`): row y is the target distribution when the target
-    id is y, instead of one-hot y."""
+    id is y, instead of one-hot y. `weights` [K] (`transition_weights`): a weighted mean instead."""
     logits = out.logits.float()
     if soft_targets is None:
-        loss = F.cross_entropy(logits, out.targets)
+        per_target = F.cross_entropy(logits, out.targets, reduction="none")
     else:
         rows = soft_targets.to(logits.device)[out.targets]  # [K, V]
-        loss = -(rows * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        per_target = -(rows * F.log_softmax(logits, dim=-1)).sum(-1)
+    if weights is None:
+        loss = per_target.mean()
+    else:
+        weights = weights.to(per_target.device)
+        loss = (weights * per_target).sum() / weights.sum()
     acc = (out.logits.argmax(-1) == out.targets).float().mean().item()
     return loss, {"token_acc": acc}
 

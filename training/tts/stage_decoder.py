@@ -38,6 +38,7 @@ from training.tts.decoder_model import (
     make_batch,
     save_decoder_result,
 )
+from training.tts.transitions import check_transition_settings, noisy_inputs, transition_weights
 from training.tts.pairs import (
     PiperNative,
     Speak,
@@ -107,11 +108,16 @@ class TtsDecoderConfig:
     training from; its layout replaces `geometry`. None: a fresh decoder."""
     targets: str = "speech"
     """Where the pairs' codec ids come from (`training.tts.pairs.TARGETS`)."""
+    transition_weight: float = 1.0
+    """Loss weight of targets that change the id (`training.tts.transitions`); 1: plain mean."""
+    input_noise_rate: float = 0.0
+    """Share of AR input ids replaced by random codec ids (`noisy_inputs`); 0: none."""
 
     def __post_init__(self) -> None:
         check_targets(self.targets)
         check_own_input_rate(self.own_input_rate, self.own_input_passes)
         check_neighbour_smoothing(self.neighbour_smoothing, self.neighbour_temperature_nn)
+        check_transition_settings(self.transition_weight, self.input_noise_rate)
         if self.guided_heads < 0 or self.guided_width <= 0 or self.guided_weight < 0:
             raise ValueError("guided attention needs heads >= 0, a positive width and a weight >= 0, not "
                              f"{self.guided_heads}, {self.guided_width} and {self.guided_weight}")
@@ -171,11 +177,13 @@ def guided_attention_loss(costs: list[Tensor], heads: int) -> Tensor:
 
 def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int, batch_pairs: int,
                        dropout: float, own_input_rate: float = 0.0, own_input_passes: int = 1,
-                       soft_targets: Tensor | None = None, guided: GuidedAttention | None = None
+                       soft_targets: Tensor | None = None, guided: GuidedAttention | None = None,
+                       transition_weight: float = 1.0, input_noise_rate: float = 0.0
                        ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """The training step of both tts stages: a seeded batch of `examples`, teacher-forced loss
-    (with `own_input_rate` of the inputs replaced by the decoder's own predictions, the targets
-    of `soft_targets` when given, and `guided`'s attention cost added when given)."""
+    (with `own_input_rate` of the inputs replaced by the decoder's own predictions and then
+    `input_noise_rate` by random ids, the targets of `soft_targets` when given, changing targets
+    weighted `transition_weight`, and `guided`'s attention cost added when given)."""
     size = min(batch_pairs, len(examples))
     if guided is not None and guided.heads > decoder.dims.num_heads:
         raise ValueError(f"--guided-heads {guided.heads} exceeds the decoder's {decoder.dims.num_heads} "
@@ -188,10 +196,16 @@ def sampled_batch_step(decoder, examples: list[DecoderExample], embed, seed: int
         if own_input_rate > 0:
             batch.input_tokens = own_prediction_inputs(decoder, batch, own_input_rate, rng,
                                                        own_input_passes)
+        if input_noise_rate > 0:
+            fed = batch.tokens if batch.input_tokens is None else batch.input_tokens
+            batch.input_tokens = noisy_inputs(fed, batch.token_lengths, input_noise_rate,
+                                              decoder.dims.odim, rng)
+        weights = (None if transition_weight == 1.0
+                   else transition_weights(batch.tokens, batch.token_lengths, transition_weight))
         if guided is None or guided.heads == 0:
-            return token_loss(teacher_forced_logits(decoder, batch, dropout), soft_targets)
+            return token_loss(teacher_forced_logits(decoder, batch, dropout), soft_targets, weights)
         out = teacher_forced_logits(decoder, batch, dropout, guide_width=guided.width)
-        loss, metrics = token_loss(out, soft_targets)
+        loss, metrics = token_loss(out, soft_targets, weights)
         assert out.alignment_costs is not None
         align = guided_attention_loss(out.alignment_costs, guided.heads)
         return loss + guided.weight * align, metrics | {"token_loss": loss.item(), "alignment": align.item()}
@@ -268,7 +282,8 @@ def train_tts_decoder(data: Path, codec: CodecEncoderLike, llm_dir: Path, run_di
     step_fn = sampled_batch_step(decoder, train, embed, config.loop.seed, config.batch_pairs, config.dropout,
                                  config.own_input_rate, config.own_input_passes,
                                  codebook_targets(codec, config, decoder.dims.vocab_size),
-                                 GuidedAttention(config.guided_heads, config.guided_width, config.guided_weight))
+                                 GuidedAttention(config.guided_heads, config.guided_width, config.guided_weight),
+                                 config.transition_weight, config.input_noise_rate)
     result = train_loop(run_dir, {"decoder": decoder}, step_fn, config.loop, frozen=[causal_lm],
                         title="tts-decoder: codec-id cross-entropy")
     summary: dict[str, Any] = {
