@@ -32,6 +32,10 @@ GUIDED_HEADS=${GUIDED_HEADS-$([ -n "${DECODER_INIT:-}" ] && echo 0 || echo 2)}
 # the voice's own units).
 TARGETS=${TARGETS:-speech}
 PAIR_ARGS+=(--targets "$TARGETS")
+# TRANSITION_WEIGHT: loss weight of the targets that change the codec id in every tts-decoder run
+# (default 1; 3 measured best on the piper-unit codec, whose ids repeat while a sound holds;
+# training/README.md, "Weighting the id changes").
+PAIR_ARGS+=(--transition-weight "${TRANSITION_WEIGHT:-1}")
 mkdir -p "$WORK"
 [ -f "$WORK/tts-decoder/result.pt" ] || freeze-omni train tts-decoder --data "$BANK" --codec-dir "$CODEC" \
     --out "$WORK/tts-decoder" --speech-cache "$WORK/speech" --train-limit "${TRAIN_TEXTS:-3000}" \
