@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantized_models.speech_decoder import DecoderDims, SpeechDecoder
+from quantized_models.speech_decoder import SpeechDecoder
 from training.tts.decoder_forward import (
     DecoderBatch,
     alignment_cost,
@@ -14,6 +14,8 @@ from training.tts.decoder_forward import (
 )
 from training.tts.decoder_model import DecoderExample, make_batch
 from training.tts.stage_decoder import GuidedAttention, TtsDecoderConfig, sampled_batch_step
+
+from tests.tiny_decoder import tiny_decoder, train_tiny
 
 
 def test_the_penalty_is_zero_on_the_diagonal_and_only_on_token_queries_over_text_keys() -> None:
@@ -52,15 +54,8 @@ def test_a_head_reading_the_text_in_order_costs_little_and_a_backward_one_much()
     assert 0.5 < costs[2] < 0.65  # about 1 - (0.2 sqrt(2 pi) - 0.08) for an even spread
 
 
-def _tiny_decoder(seed: int) -> SpeechDecoder:
-    torch.manual_seed(seed)
-    dims = DecoderDims(idim=16, odim=32, attention_dim=16, num_heads=2, linear_units=32, num_blocks=2,
-                       kv_cache_prefix_finetune=False)
-    return SpeechDecoder(dims)
-
-
 def test_costs_come_per_layer_and_head_without_changing_the_logits() -> None:
-    decoder = _tiny_decoder(0).eval()
+    decoder = tiny_decoder(0).eval()
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
     batch = DecoderBatch(pad([torch.randn(8, 16), torch.randn(12, 16)]), [8, 12],
                          pad([torch.randint(0, 32, (5,)), torch.randint(0, 32, (9,))]), [5, 9])
@@ -87,15 +82,10 @@ def test_training_with_guided_heads_lowers_their_alignment_cost() -> None:
     examples = [DecoderExample(list(range(i, i + 6)), [(5 * i + k) % 32 for k in range(30)]) for i in range(6)]
     after = {}
     for name, guided in (("plain", None), ("guided", GuidedAttention(heads=1, width=0.2, weight=1.0))):
-        decoder = _tiny_decoder(1).train()
+        decoder = tiny_decoder(1).train()
         step_fn = sampled_batch_step(decoder, examples, embed, seed=0, batch_pairs=6, dropout=0.0,
                                      guided=guided)
-        optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
-        for step in range(60):
-            loss, metrics = step_fn(step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        metrics = train_tiny(decoder, step_fn, steps=60)
         assert ("alignment" in metrics) == (guided is not None)
         after[name] = _mean_alignment(decoder, examples, embed)
     assert after["guided"] < 0.3 < after["plain"]
@@ -107,5 +97,5 @@ def test_guided_attention_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="positive width"):
         TtsDecoderConfig(guided_heads=2, guided_width=0.0)
     with pytest.raises(ValueError, match="exceeds the decoder's 2 attention heads"):
-        sampled_batch_step(_tiny_decoder(0), [DecoderExample([1, 2], [3, 4])], torch.nn.Embedding(8, 64),
+        sampled_batch_step(tiny_decoder(0), [DecoderExample([1, 2], [3, 4])], torch.nn.Embedding(8, 64),
                            seed=0, batch_pairs=1, dropout=0.0, guided=GuidedAttention(heads=3))

@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantized_models.speech_decoder import DecoderDims, SpeechDecoder
+from quantized_models.speech_decoder import SpeechDecoder
 from training.tts import stage_decoder
 from training.tts.decoder_forward import DecoderTargets, teacher_forced_logits, token_loss
 from training.tts.decoder_model import DecoderExample, make_batch
 from training.tts.stage_decoder import TtsDecoderConfig, sampled_batch_step
 from training.tts.transitions import noisy_inputs, transition_weights
+
+from tests.tiny_decoder import tiny_decoder, train_tiny
 
 PAD = 99
 
@@ -30,7 +32,7 @@ def test_changing_targets_and_eos_get_the_weight_in_target_order() -> None:
 
 def test_the_weights_line_up_with_the_decoders_targets() -> None:
     torch.manual_seed(0)
-    decoder = _tiny_decoder(0).eval()
+    decoder = tiny_decoder(0).eval()
     rows = [[4, 4, 4, 9, 9, 1], [2, 2, 6, 6, 6, 6, 6, 0]]
     tokens = _tokens(rows)
     examples = [DecoderExample([1, 2, 3], r) for r in rows]
@@ -65,13 +67,6 @@ def test_noisy_inputs_replace_about_the_share_asked_and_leave_padding_alone() ->
     assert torch.equal(noisy_inputs(inputs, [2000, 500], 0.0, 64, np.random.default_rng(0)), inputs)
 
 
-def _tiny_decoder(seed: int) -> SpeechDecoder:
-    torch.manual_seed(seed)
-    dims = DecoderDims(idim=16, odim=32, attention_dim=16, num_heads=2, linear_units=32, num_blocks=2,
-                       kv_cache_prefix_finetune=False)
-    return SpeechDecoder(dims)
-
-
 def test_the_training_step_feeds_noisy_inputs_and_keeps_the_targets(monkeypatch) -> None:
     seen = []
     real = stage_decoder.teacher_forced_logits
@@ -82,7 +77,7 @@ def test_the_training_step_feeds_noisy_inputs_and_keeps_the_targets(monkeypatch)
 
     monkeypatch.setattr(stage_decoder, "teacher_forced_logits", spy)
     examples = [DecoderExample([1, 2, 3], [5] * 200)]
-    step_fn = sampled_batch_step(_tiny_decoder(0), examples, torch.nn.Embedding(8, 64), seed=0,
+    step_fn = sampled_batch_step(tiny_decoder(0), examples, torch.nn.Embedding(8, 64), seed=0,
                                  batch_pairs=1, dropout=0.0, input_noise_rate=0.5)
     step_fn(0)
     (batch,) = seen
@@ -107,15 +102,10 @@ def test_weighting_the_changes_teaches_them_sooner() -> None:
                 for i in range(8)]
     accuracy = {}
     for weight in (1.0, 4.0):
-        decoder = _tiny_decoder(1).train()
+        decoder = tiny_decoder(1).train()
         step_fn = sampled_batch_step(decoder, examples, embed, seed=0, batch_pairs=8, dropout=0.0,
                                      transition_weight=weight)
-        optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
-        for step in range(20):
-            loss, _ = step_fn(step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_tiny(decoder, step_fn, steps=20)
         accuracy[weight] = _change_accuracy(decoder, examples, embed)
     assert accuracy[4.0] > accuracy[1.0] + 0.3  # measured 0.89 against 0.23
 
