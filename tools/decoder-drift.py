@@ -45,15 +45,6 @@ def runs_of(ids: list[int]) -> list[int]:
     return [i for k, i in enumerate(ids) if k == 0 or ids[k - 1] != i]
 
 
-def edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        before, row[0] = row[:], i
-        for j, y in enumerate(b, 1):
-            row[j] = min(before[j] + 1, row[j - 1] + 1, before[j - 1] + (x != y))
-    return row[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +77,7 @@ def main() -> None:
         piper_runs, free_runs = runs_of(list(example.tokens)), runs_of(ids["free_running"])
         runs["piper"] += len(piper_runs)
         runs["free_running"] += len(free_runs)
-        runs["run_errors"] += edit_distance(free_runs, piper_runs)
+        runs["run_errors"] += word_errors(free_runs, piper_runs)  # Levenshtein over ids
         reference = normalise_words(pair.text)
         words += len(reference)
         for key, sequence in ids.items():

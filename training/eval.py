@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def normalise_words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
 
-def word_errors(hyp: list[str], ref: list[str]) -> int:
-    """Levenshtein distance in words."""
+def word_errors(hyp: Sequence[Hashable], ref: Sequence[Hashable]) -> int:
+    """Levenshtein distance in words (or in any items that compare equal)."""
     row = list(range(len(ref) + 1))
     for i, h in enumerate(hyp, 1):
         prev, row[0] = row[0], i

@@ -51,9 +51,11 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
 
 
 def add_tts_decoder(steps: argparse._SubParsersAction) -> None:
+    from training.tts.pairs import TARGETS  # light: no torch
+
     p = steps.add_parser("tts-decoder", help="train the speech decoder + pre-network on text -> codec ids")
     _add_loop_args(p, steps=3000, lr=1e-3, batch=16)
-    p.add_argument("--targets", choices=("speech", "voice-units"), default="speech",
+    p.add_argument("--targets", choices=TARGETS, default="speech",
                    help="codec ids of each text: the codec's encoding of piper's audio (speech), or, with "
                         "the piper-unit codec, the units the voice itself speaks from (voice-units, exact); "
                         "tts-prefix then uses the same")
